@@ -1,0 +1,513 @@
+"""SELFYNet: TSN/TSM ResNets with SELFY (spatio-temporal self-similarity) blocks, as transformers models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutputWithNoAttention
+
+from .configuration_selfy import SelfyConfig
+from .stss import l2_normalize, stss
+
+_BATCH_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def temporal_shift(x: torch.Tensor, num_frames: int, shift_div: int) -> torch.Tensor:
+    """
+    TSM's zero-padded shift of `(B*T, C, H, W)` features: the first `C // shift_div` channels of frame t take frame
+    t+1's values, the next as many take frame t-1's, the rest stay (as the official `tsm(x, T, 'zero')`).
+    """
+    _, channels, height, width = x.shape
+    fold = channels // shift_div
+    clips = x.reshape(-1, num_frames, channels, height, width)
+    from_next = F.pad(clips[:, 1:, :fold], (0, 0, 0, 0, 0, 0, 0, 1))
+    from_previous = F.pad(clips[:, :-1, fold : 2 * fold], (0, 0, 0, 0, 0, 0, 1, 0))
+    shifted = torch.cat((from_next, from_previous, clips[:, :, 2 * fold :]), dim=2)
+    return shifted.reshape(x.shape)
+
+
+def _zero_init_norm(num_features: int, norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+    """A BatchNorm whose scale starts at zero, so the residual branch it ends starts as nothing."""
+    module = norm(num_features)
+    module.zero_init = True
+    return module
+
+
+class SelfyBasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs) with TSM's residual shift before the first conv."""
+
+    expansion = 1
+
+    def __init__(self, config: SelfyConfig, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.num_frames = config.num_frames
+        self.shift_div = config.shift_div if config.temporal_module == "tsm" else 0
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = _zero_init_norm(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = temporal_shift(x, self.num_frames, self.shift_div) if self.shift_div else x
+        out = self.relu(self.bn1(self.conv1(out)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class SelfyBottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv) with TSM's residual shift before the first conv."""
+
+    expansion = 4
+
+    def __init__(self, config: SelfyConfig, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        width = out_channels // self.expansion
+        self.num_frames = config.num_frames
+        self.shift_div = config.shift_div if config.temporal_module == "tsm" else 0
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = _zero_init_norm(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = temporal_shift(x, self.num_frames, self.shift_div) if self.shift_div else x
+        out = self.relu(self.bn1(self.conv1(out)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
+    """torchvision's projection shortcut (`downsample.0` conv, `downsample.1` BN) where the shape changes."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+
+
+class SelfyConvNormAct(nn.Module):
+    """A convolution, its BatchNorm and (optionally) a ReLU; `conv` and `bn` keep the state-dict names short."""
+
+    def __init__(self, conv: nn.Module, num_features: int, activation: bool = True, zero_init: bool = False):
+        super().__init__()
+        self.conv = conv
+        norm = nn.BatchNorm3d if conv.weight.dim() == 5 else nn.BatchNorm2d
+        self.bn = _zero_init_norm(num_features, norm) if zero_init else norm(num_features)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, **conv_kwargs) -> torch.Tensor:
+        x = self.bn(self.conv(x, **conv_kwargs))
+        return F.relu(x, inplace=True) if self.activation else x
+
+    def forward_planar(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Apply a (1, k, k) Conv3d to `(N*L, C, U, V)` as the equivalent Conv2d: the kernel never mixes L, and a 2D conv
+        over the folded batch runs several times faster on CPU than the 5D one over tiny (L, U, V) volumes.
+        """
+        conv = self.conv
+        x = F.conv2d(x, conv.weight.squeeze(2), None, conv.stride[1:], conv.padding[1:])
+        x = self.bn(x.unsqueeze(2)).squeeze(2)
+        return F.relu(x, inplace=True) if self.activation else x
+
+
+def _conv1x3x3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1, size: int = 3) -> nn.Conv3d:
+    return nn.Conv3d(
+        in_channels, out_channels, (1, size, size), stride=(1, stride, stride), padding=(0, padding, padding), bias=False
+    )
+
+
+class StssCorrelation(nn.Module):
+    """Cosine (or dot-product) similarity of every position with its (L, U, V) space-time neighbourhood (eq. 1);
+    `(B*T, C, H, W)` features in, `(B, T, H, W, L, U, V)` similarities out, zero beyond the clip or the map."""
+
+    def __init__(self, config: SelfyConfig):
+        super().__init__()
+        self.num_frames = config.num_frames
+        self.temporal_offsets = list(config.selfy_temporal_offsets)
+        self.window = config.selfy_window_size
+        self.normalize = config.selfy_similarity == "cosine"
+        self.eps = config.selfy_similarity_eps
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.reshape(-1, self.num_frames, *features.shape[1:])
+        if self.normalize:
+            features = l2_normalize(features, dim=2, eps=self.eps)
+        return stss(features, self.temporal_offsets, self.window)
+
+    def macs(self, feature_shape: torch.Size) -> int:
+        """Multiply-accumulates of the correlation for `(B*T, C, H, W)` features, whatever path computes it."""
+        frames, channels, height, width = feature_shape
+        return frames * height * width * len(self.temporal_offsets) * self.window**2 * channels
+
+
+class StssTransform(nn.Module):
+    """
+    Self-similarity transformation (paper 3.1): project the features (official: a 3x3 stride-2 conv + BN + ReLU)
+    and correlate them over the (L, U, V) neighbourhood. Returns `(B, T, H, W, L, U, V)`.
+    """
+
+    def __init__(self, config: SelfyConfig, in_channels: int):
+        super().__init__()
+        hidden = config.selfy_hidden_size
+        if config.selfy_downsample:
+            conv = nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False)
+        else:
+            conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
+        self.downsample = SelfyConvNormAct(conv, hidden)
+        self.correlation = StssCorrelation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.correlation(self.downsample(x))
+
+
+class StssExtractor(nn.Module):
+    """
+    Feature extraction (paper 3.2.1): turns each (U, V) similarity map into C_F features, per offset l, giving
+    `(B*L, C_F, T, H, W)` for the integration. `conv`: four 1x3x3 convs with the official strides (the last one's
+    kernel covers what is left of the window, 3x3 for U = 9); `mlp`: four FC layers over the U*V values (eq. 3-4);
+    `soft_argmax`: the expected displacement (u, v) under softmax(S / tau) (eq. 2).
+    """
+
+    def __init__(self, config: SelfyConfig):
+        super().__init__()
+        self.method = config.selfy_extraction
+        self.window = config.selfy_window_size
+        self.temperature = config.selfy_softargmax_temperature
+        channels = config.selfy_extraction_channels
+        if self.method == "conv":
+            size = self.window
+            layers = []
+            for index, (c_in, c_out) in enumerate(zip([1, *channels[:-1]], channels)):
+                if index < 3:
+                    stride = 1 if index == 0 else 2
+                    layers.append(SelfyConvNormAct(_conv1x3x3(c_in, c_out, stride), c_out))
+                    size = (size - 1) // stride + 1
+                else:
+                    layers.append(SelfyConvNormAct(_conv1x3x3(c_in, c_out, padding=0, size=size), c_out))
+            self.layers = nn.ModuleList(layers)
+        elif self.method == "mlp":
+            sizes = [self.window * self.window, *channels]
+            self.layers = nn.ModuleList(nn.Linear(c_in, c_out) for c_in, c_out in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
+        batch, frames, height, width, offsets = similarity.shape[:5]
+        maps = similarity.reshape(-1, 1, self.window, self.window)
+        if self.method == "conv":
+            for layer in self.layers:
+                maps = layer.forward_planar(maps)
+            features = maps.flatten(1)
+        elif self.method == "mlp":
+            features = maps.flatten(1)
+            for layer in self.layers:
+                features = F.relu(layer(features), inplace=True)
+        else:
+            features = self._soft_argmax(maps.flatten(1))
+        features = features.reshape(batch, frames, height, width, offsets, -1)
+        return features.permute(0, 4, 5, 1, 2, 3).reshape(batch * offsets, -1, frames, height, width)
+
+    def _soft_argmax(self, scores: torch.Tensor) -> torch.Tensor:
+        radius = self.window // 2
+        steps = torch.arange(-radius, radius + 1, device=scores.device, dtype=torch.float32)
+        grid = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(-1, 2)
+        # The softmax of similarities / 0.01 overflows half precision: compute it in fp32.
+        weights = torch.softmax(scores.float() / self.temperature, dim=-1)
+        return (weights @ grid).to(scores.dtype)
+
+
+class StssIntegrator(nn.Module):
+    """
+    Feature integration (paper 3.2.2): layers over (T, X, Y) per offset, one layer fusing the L offsets, and the
+    projection back to the block's input channels (official: a strided 1x1x1 ConvTranspose3d undoing the
+    transform's stride-2 conv) with a zero-initialised BN, so the block starts as an identity.
+    """
+
+    def __init__(self, config: SelfyConfig, out_channels: int):
+        super().__init__()
+        self.num_offsets = len(config.selfy_temporal_offsets)
+        channels = config.selfy_integration_channels
+        in_channels = config.extraction_output_channels
+        method = config.selfy_integration
+        size, padding = (3, 1) if method == "conv" else (1, 0)
+        if method == "fc":
+            self.layers = nn.ModuleList()
+        else:
+            widths = [in_channels, *channels[:3]]
+            self.layers = nn.ModuleList(
+                SelfyConvNormAct(_conv1x3x3(c_in, c_out, padding=padding, size=size), c_out)
+                for c_in, c_out in zip(widths[:-1], widths[1:])
+            )
+            in_channels = channels[2]
+        fuse = _conv1x3x3(in_channels * self.num_offsets, channels[3], padding=padding, size=size)
+        self.fuse = SelfyConvNormAct(fuse, channels[3])
+        self.upsample = config.selfy_downsample
+        if self.upsample:
+            project = nn.ConvTranspose3d(channels[3], out_channels, 1, stride=(1, 2, 2), bias=False)
+        else:
+            project = nn.Conv3d(channels[3], out_channels, 1, bias=False)
+        self.project = SelfyConvNormAct(project, out_channels, activation=False, zero_init=True)
+
+    def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        for layer in self.layers:
+            features = layer(features)
+        offsets_channels, frames, height, width = features.shape[1:]
+        features = features.reshape(-1, self.num_offsets * offsets_channels, frames, height, width)
+        features = self.fuse(features)
+        if self.upsample:
+            # Official output_padding=1 doubles even sizes; output_size also restores odd ones.
+            out = self.project(features, output_size=(frames, *output_size))
+        else:
+            out = self.project(features)
+        return out.transpose(1, 2).reshape(-1, out.shape[1], *out.shape[3:])
+
+
+class SelfyBlock(nn.Module):
+    """SELFY block: STSS transformation, feature extraction and integration, added to its input as a residual."""
+
+    def __init__(self, config: SelfyConfig, channels: int):
+        super().__init__()
+        self.transform = StssTransform(config, channels)
+        self.extractor = StssExtractor(config)
+        self.integrator = StssIntegrator(config, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.extractor(self.transform(x))
+        return F.relu(x + self.integrator(features, output_size=x.shape[-2:]))
+
+
+@contextlib.contextmanager
+def _preserved_batch_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """Restore the BatchNorm running statistics of `module` on exit: the recomputation of a checkpointed block
+    runs BN in training mode again and would otherwise update its running averages twice."""
+    saved = [
+        (buffer, buffer.clone())
+        for norm in module.modules()
+        if isinstance(norm, _BATCH_NORMS) and norm.track_running_stats
+        for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gradient checkpointing whose recomputation does not update BatchNorm running statistics a second time."""
+
+    def contexts():
+        return contextlib.nullcontext(), _preserved_batch_norm_statistics(block)
+
+    return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+
+
+class SelfyPreTrainedModel(PreTrainedModel):
+    config_class = SelfyConfig
+    base_model_prefix = "selfy"
+    main_input_name = "pixel_values"
+    input_modalities = ("video",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SelfyBasicBlock", "SelfyBottleneck", "SelfyBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """As the official code: Kaiming fan-out convs, BN 1/0 (0 for the last BN of each residual branch and of
+        the SELFY block), Xavier linear layers with zero bias."""
+        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d)):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, _BATCH_NORMS):
+            init.constant_(module.weight, 0.0 if getattr(module, "zero_init", False) else 1.0)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+
+
+class SelfyModel(SelfyPreTrainedModel):
+    """
+    The SELFYNet backbone: a ResNet (torchvision parameter names `conv1`, `bn1`, `layer1..4`, so ImageNet weights load
+    by name) run on the frames of each clip, with TSM shifts and SELFY blocks (`selfy_blocks.layer{i}`) after the
+    stages listed in `config.selfy_stages`.
+    """
+
+    def __init__(self, config: SelfyConfig):
+        super().__init__(config)
+        block_class = SelfyBottleneck if config.layer_type == "bottleneck" else SelfyBasicBlock
+        self.conv1 = nn.Conv2d(config.num_channels, config.embedding_size, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(config.embedding_size)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_channels = config.embedding_size
+        for stage, (depth, out_channels) in enumerate(zip(config.depths, config.hidden_sizes), start=1):
+            stride = 1 if stage == 1 else 2
+            blocks = [block_class(config, in_channels, out_channels, stride)]
+            blocks += [block_class(config, out_channels, out_channels) for _ in range(depth - 1)]
+            self.add_module(f"layer{stage}", nn.Sequential(*blocks))
+            in_channels = out_channels
+        self.selfy_blocks = nn.ModuleDict(
+            {f"layer{stage}": SelfyBlock(config, config.hidden_sizes[stage - 1]) for stage in sorted(config.selfy_stages)}
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, frames, channels, height, width)` or
+            `(batch, views, frames, channels, height, width)`): normalised frames, e.g. from [`SelfyVideoProcessor`];
+            `views` are clips x crops of the same video.
+
+        Returns `last_hidden_state` `(*lead, frames, C, h, w)`, `pooler_output` `(*lead, frames, C)` (spatially
+        averaged per frame) and, with `output_hidden_states`, the stem and every stage (and SELFY block) output,
+        where `lead` is `(batch,)` or `(batch, views)`.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from selfy_hf import SelfyConfig, SelfyModel
+        >>> model = SelfyModel(SelfyConfig.from_preset("selfynet-tiny")).eval()
+        >>> outputs = model(torch.randn(2, 8, 3, 64, 64))
+        >>> tuple(outputs.pooler_output.shape)
+        (2, 8, 128)
+        ```
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        lead = self._check_pixel_values(pixel_values)
+        x = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        hidden_states = [x] if output_hidden_states else None
+        for stage in range(1, 5):
+            for block in getattr(self, f"layer{stage}"):
+                x = self._run(block, x)
+            selfy_block = self.selfy_blocks[f"layer{stage}"] if f"layer{stage}" in self.selfy_blocks else None
+            if selfy_block is not None:
+                if output_hidden_states:
+                    hidden_states.append(x)
+                x = self._run(selfy_block, x)
+            if output_hidden_states:
+                hidden_states.append(x)
+        pooled = x.mean(dim=(-2, -1))
+        unfold = lambda t: t.reshape(*lead, self.config.num_frames, *t.shape[1:])  # noqa: E731
+        last_hidden_state, pooled = unfold(x), unfold(pooled)
+        all_hidden = tuple(unfold(h) for h in hidden_states) if output_hidden_states else None
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, pooled, all_hidden) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state, pooler_output=pooled, hidden_states=all_hidden
+        )
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return _checkpointed(block, x)
+        return block(x)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> tuple[int, ...]:
+        """Validate `(B, T, C, H, W)` / `(B, V, T, C, H, W)` input and return its leading dims `(B,)` / `(B, V)`."""
+        config = self.config
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (5, 6):
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"pixel_values must be a tensor of shape (batch, frames, channels, height, width) or "
+                f"(batch, views, frames, channels, height, width); got {shape}"
+            )
+        frames, channels = pixel_values.shape[-4:-2]
+        if frames != config.num_frames or channels != config.num_channels:
+            raise ValueError(
+                f"pixel_values has {frames} frames of {channels} channels (shape {tuple(pixel_values.shape)}), "
+                f"but this model takes clips of num_frames={config.num_frames} frames with "
+                f"num_channels={config.num_channels}: sample {config.num_frames} frames per clip"
+            )
+        return tuple(pixel_values.shape[:-4])
+
+
+class SelfyForVideoClassification(SelfyPreTrainedModel):
+    """SELFYNet with the TSN head: dropout and a linear classifier on every frame, logits averaged over the frames
+    (the official 'avg' consensus) and over the views (clips x crops) of each video."""
+
+    def __init__(self, config: SelfyConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.selfy = SelfyModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, frames, channels, height, width)` or
+            `(batch, views, frames, channels, height, width)`): normalised frames; views (clips x crops) are averaged.
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            Class indices in `[0, config.num_labels)`; the loss follows `config.problem_type` (cross-entropy for
+            single-label classification).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from selfy_hf import SelfyConfig, SelfyForVideoClassification
+        >>> config = SelfyConfig.from_preset("selfynet-tiny", num_labels=4)
+        >>> model = SelfyForVideoClassification(config).eval()
+        >>> outputs = model(torch.randn(2, 8, 3, 64, 64), labels=torch.tensor([0, 3]))
+        >>> tuple(outputs.logits.shape), outputs.loss.dim()
+        ((2, 4), 0)
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.selfy(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        frame_logits = self.classifier(self.dropout(outputs.pooler_output))
+        logits = frame_logits.flatten(1, -2).mean(dim=1)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "SelfyPreTrainedModel",
+    "SelfyModel",
+    "SelfyForVideoClassification",
+    "SelfyBlock",
+    "StssCorrelation",
+    "StssTransform",
+    "StssExtractor",
+    "StssIntegrator",
+    "SelfyBasicBlock",
+    "SelfyBottleneck",
+    "temporal_shift",
+]

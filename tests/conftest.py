@@ -1,0 +1,20 @@
+import os
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+# pytest-xdist runs one worker per core: keep each worker single-threaded so they don't oversubscribe the CPU.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory, monkeypatch):
+    """Subprocesses started by tests keep Hugging Face caches (remote-code modules, hub files) out of the user's
+    home and never reach for the network."""
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,258 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoModelForVideoClassification
+
+from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel
+from selfy_hf.flops import count_complexity
+from selfy_hf.modeling_selfy import temporal_shift
+
+TINY = {"num_labels": 5}
+
+
+def tiny_model(**overrides) -> SelfyForVideoClassification:
+    torch.manual_seed(0)
+    return SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tiny", **{**TINY, **overrides})).eval()
+
+
+def clip(batch=2, frames=8, size=48, views=None, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, frames, 3, size, size) if views is None else (batch, views, frames, 3, size, size)
+    return torch.randn(shape, generator=generator)
+
+
+def naive_temporal_shift(x, num_frames, shift_div):
+    clips = x.reshape(-1, num_frames, *x.shape[1:])
+    out = torch.zeros_like(clips)
+    fold = x.shape[1] // shift_div
+    for t in range(num_frames):
+        if t + 1 < num_frames:
+            out[:, t, :fold] = clips[:, t + 1, :fold]
+        if t > 0:
+            out[:, t, fold : 2 * fold] = clips[:, t - 1, fold : 2 * fold]
+        out[:, t, 2 * fold :] = clips[:, t, 2 * fold :]
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize(("channels", "shift_div"), [(64, 8), (20, 8), (16, 4)])
+def test_temporal_shift_matches_a_loop(channels, shift_div):
+    x = torch.randn(2 * 4, channels, 3, 5)
+    torch.testing.assert_close(temporal_shift(x, 4, shift_div), naive_temporal_shift(x, 4, shift_div), rtol=0, atol=0)
+
+
+def test_logits_shape_loss_and_hidden_states():
+    model = tiny_model()
+    labels = torch.tensor([0, 4])
+    out = model(clip(), labels=labels, output_hidden_states=True)
+    assert out.logits.shape == (2, 5)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    # stem, 4 stages, and the input of the SELFY block after layer2
+    assert len(out.hidden_states) == 6
+    assert out.hidden_states[0].shape[:2] == (2, 8)
+    base = model.selfy(clip(), return_dict=True)
+    assert base.pooler_output.shape == (2, 8, 128)
+    assert base.last_hidden_state.shape[:3] == (2, 8, 128)
+
+
+def test_views_are_averaged_inside_the_model():
+    model = tiny_model()
+    videos = clip(views=3)
+    with torch.no_grad():
+        together = model(videos).logits
+        separately = torch.stack([model(videos[:, v]).logits for v in range(3)]).mean(0)
+    torch.testing.assert_close(together, separately, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_are_the_average_of_per_frame_classifications():
+    model = tiny_model()
+    with torch.no_grad():
+        features = model.selfy(clip()).pooler_output
+        expected = model.classifier(features).mean(dim=1)
+        torch.testing.assert_close(model(clip()).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((2, 4, 3, 48, 48), "num_frames=8"), ((2, 8, 1, 48, 48), "num_channels=3"), ((8, 3, 48, 48), "shape")],
+)
+def test_wrong_input_shapes_raise_clear_errors(shape, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model()(torch.randn(shape))
+
+
+def test_tsn_frames_are_independent_and_tsm_mixes_them():
+    x = clip(batch=1)
+    changed = x.clone()
+    changed[:, 0] += 1.0
+    for module, mixes in (("none", False), ("tsm", True)):
+        model = SelfyModel(SelfyConfig.from_preset("tsm-tiny", temporal_module=module)).eval()
+        with torch.no_grad():
+            before, after = model(x).pooler_output, model(changed).pooler_output
+        other_frames_changed = not torch.equal(before[:, 1:], after[:, 1:])
+        assert other_frames_changed == mixes, module
+
+
+def test_selfy_block_starts_as_identity_and_is_residual():
+    config = SelfyConfig.from_preset("selfynet-tiny")
+    block = SelfyModel(config).selfy_blocks["layer2"].eval()
+    x = torch.rand(16, 32, 12, 12)  # non-negative, as after a ReLU
+    torch.testing.assert_close(block(x), x)
+    assert torch.count_nonzero(block.integrator.project.bn.weight) == 0
+
+
+def test_initialisation_follows_the_official_code():
+    model = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tsm-r18", num_labels=10))
+    backbone = model.selfy
+    assert torch.count_nonzero(backbone.layer1[0].bn2.weight) == 0
+    assert torch.all(backbone.layer1[0].bn1.weight == 1)
+    assert torch.count_nonzero(backbone.selfy_blocks["layer2"].integrator.project.bn.weight) == 0
+    assert torch.count_nonzero(model.classifier.bias) == 0
+    weight = backbone.layer3[0].conv1.weight  # Kaiming normal, fan_out = 256 * 3 * 3
+    assert weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("extraction", ["conv", "mlp", "soft_argmax"])
+@pytest.mark.parametrize("integration", ["conv", "mlp", "fc"])
+def test_every_extraction_and_integration_trains(extraction, integration):
+    model = tiny_model(selfy_extraction=extraction, selfy_integration=integration).train()
+    out = model(clip(size=32), labels=torch.tensor([1, 2]))
+    out.loss.backward()
+    block = model.selfy.selfy_blocks["layer2"]
+    grads = [p.grad for p in block.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("size", [64, 60, 120])
+def test_official_downsample_upsample_restores_even_and_odd_sizes(size):
+    model = tiny_model(selfy_downsample=True)
+    assert model(clip(batch=1, size=size)).logits.shape == (1, 5)
+
+
+@pytest.mark.parametrize("offsets", [[0], [1], [-1, 0, 1], [-3, -2, -1, 0, 1, 2, 3], [2, -5]])
+def test_any_temporal_offsets(offsets):
+    model = tiny_model(selfy_temporal_offsets=offsets, selfy_window_size=5)
+    assert model(clip(batch=1, size=32)).logits.shape == (1, 5)
+
+
+def test_several_selfy_blocks():
+    model = tiny_model(selfy_stages=[1, 3])
+    assert sorted(model.selfy.selfy_blocks) == ["layer1", "layer3"]
+    out = model(clip(batch=1, size=32), output_hidden_states=True)
+    assert len(out.hidden_states) == 7
+
+
+def test_gradient_checkpointing_matches_a_plain_step_including_batchnorm_statistics():
+    plain = tiny_model().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    labels = torch.tensor([0, 3])
+    for model in (plain, checkpointed):
+        torch.manual_seed(7)
+        model(clip(), labels=labels).loss.backward()
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_bf16_autocast_on_cpu_runs():
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        logits = model(clip()).logits
+    assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_matches_cpu(dtype):
+    model = tiny_model()
+    with torch.no_grad():
+        expected = model(clip()).logits
+        with torch.autocast("cuda", dtype=dtype):
+            logits = model.cuda()(clip().cuda()).logits
+    torch.testing.assert_close(logits.float().cpu(), expected, rtol=5e-2, atol=5e-2)
+
+
+def _meta_model(preset: str, **overrides) -> SelfyForVideoClassification:
+    with torch.device("meta"):
+        return SelfyForVideoClassification(SelfyConfig.from_preset(preset, num_labels=174, **overrides))
+
+
+@pytest.mark.parametrize(
+    ("preset", "gmacs"),
+    [("tsm-r18", 14.51), ("selfynet-tsm-r18", 16.98), ("tsm-r50", 32.70), ("selfynet-tsm-r50", 35.91)],
+)
+def test_macs_match_the_authors_code_at_8x224(preset, gmacs):
+    report = count_complexity(_meta_model(preset))
+    assert report.gmacs == pytest.approx(gmacs, rel=0.01)
+
+
+def test_table_4a_offsets_step_by_about_half_a_gmac():
+    counts = [count_complexity(_meta_model("selfynet-tsm-r18", selfy_temporal_offsets=list(range(-d, d + 1)))).gmacs for d in (0, 1, 2, 3)]
+    steps = [(b - a) / 2 for a, b in zip(counts, counts[1:])]
+    assert all(0.4 < step < 0.55 for step in steps), steps
+    one = count_complexity(_meta_model("selfynet-tsm-r18", selfy_temporal_offsets=[1])).gmacs
+    assert one == pytest.approx(counts[0])
+
+
+def test_save_and_load_with_auto_classes(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "modeling_selfy.py", "configuration_selfy.py", "stss.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForVideoClassification"] == "modeling_selfy.SelfyForVideoClassification"
+    reloaded = AutoModelForVideoClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, SelfyForVideoClassification)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(clip()).logits, model(clip()).logits)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), SelfyModel)
+
+
+def test_new_label_set_with_ignore_mismatched_sizes(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    model = SelfyForVideoClassification.from_pretrained(
+        tmp_path, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}, ignore_mismatched_sizes=True
+    )
+    assert model.classifier.out_features == 3 and model.config.id2label[2] == "c"
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, os, sys
+    # A fresh environment without selfy_hf: drop every sys.path entry that could provide it.
+    sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "selfy_hf"))]
+    assert importlib.util.find_spec("selfy_hf") is None
+    import torch
+    from transformers import AutoModelForVideoClassification
+    model = AutoModelForVideoClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits = model(torch.load(sys.argv[2])).logits
+    torch.save(logits, sys.argv[3])
+    """
+)
+
+
+def test_saved_directory_loads_with_trust_remote_code_without_the_package(tmp_path):
+    model = tiny_model()
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    torch.save(clip(), tmp_path / "x.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(clip()).logits)
+
