@@ -163,7 +163,9 @@ class SelfyConfig(PreTrainedConfig):
     ):
         if backbone_depth is not None:
             if backbone_depth not in RESNET_LAYOUTS:
-                raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)} or None, got {backbone_depth}")
+                raise ValueError(
+                    f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)} or None, got {backbone_depth}"
+                )
             default_type, default_depths = RESNET_LAYOUTS[backbone_depth]
             layer_type = layer_type or default_type
             depths = list(depths) if depths is not None else list(default_depths)
@@ -179,7 +181,9 @@ class SelfyConfig(PreTrainedConfig):
         self.layer_type = layer_type
         self.depths = list(depths)
         self.embedding_size = embedding_size
-        self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [w * expansion for w in (64, 128, 256, 512)]
+        self.hidden_sizes = (
+            list(hidden_sizes) if hidden_sizes is not None else [w * expansion for w in (64, 128, 256, 512)]
+        )
         self.num_channels = num_channels
         self.num_frames = num_frames
         self.temporal_module = temporal_module
@@ -220,26 +224,42 @@ class SelfyConfig(PreTrainedConfig):
     def validate_selfy(self) -> None:
         """Raise a `ValueError` for any invalid combination, so no shape error surfaces later in `forward`."""
         checks = [
-            (self.layer_type in ("basic", "bottleneck"), f"layer_type must be 'basic' or 'bottleneck', got {self.layer_type!r}"),
-            (len(self.depths) == 4 and all(d >= 1 for d in self.depths), f"depths must be 4 positive ints, got {self.depths}"),
+            (
+                self.layer_type in ("basic", "bottleneck"),
+                f"layer_type must be 'basic' or 'bottleneck', got {self.layer_type!r}",
+            ),
+            (
+                len(self.depths) == 4 and all(d >= 1 for d in self.depths),
+                f"depths must be 4 positive ints, got {self.depths}",
+            ),
             (len(self.hidden_sizes) == 4, f"hidden_sizes must have 4 entries, got {self.hidden_sizes}"),
             (
                 all(h % self.block_expansion == 0 for h in self.hidden_sizes),
                 f"hidden_sizes {self.hidden_sizes} must be multiples of the bottleneck expansion {self.block_expansion}",
             ),
             (self.num_frames >= 1, f"num_frames must be >= 1, got {self.num_frames}"),
-            (self.temporal_module in TEMPORAL_MODULES, f"temporal_module must be one of {TEMPORAL_MODULES}, got {self.temporal_module!r}"),
-            (self.shift_div >= 2, f"shift_div must be >= 2, got {self.shift_div}"),
-            (0.0 <= self.classifier_dropout < 1.0, f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}"),
             (
-                all(s in (1, 2, 3, 4) for s in self.selfy_stages) and len(set(self.selfy_stages)) == len(self.selfy_stages),
+                self.temporal_module in TEMPORAL_MODULES,
+                f"temporal_module must be one of {TEMPORAL_MODULES}, got {self.temporal_module!r}",
+            ),
+            (self.shift_div >= 2, f"shift_div must be >= 2, got {self.shift_div}"),
+            (
+                0.0 <= self.classifier_dropout < 1.0,
+                f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}",
+            ),
+            (
+                all(s in (1, 2, 3, 4) for s in self.selfy_stages)
+                and len(set(self.selfy_stages)) == len(self.selfy_stages),
                 f"selfy_stages must be distinct stages among 1-4, got {self.selfy_stages}",
             ),
         ]
         if self.temporal_module == "tsm":
             narrowest = min([self.embedding_size, *[h // self.block_expansion for h in self.hidden_sizes]])
             checks.append(
-                (narrowest // self.shift_div >= 1, f"shift_div={self.shift_div} shifts no channel of a {narrowest}-channel block")
+                (
+                    narrowest // self.shift_div >= 1,
+                    f"shift_div={self.shift_div} shifts no channel of a {narrowest}-channel block",
+                )
             )
         if self.selfy_stages:
             checks += self._selfy_block_checks()
@@ -252,23 +272,35 @@ class SelfyConfig(PreTrainedConfig):
         extraction_channels = self.selfy_extraction_channels
         return [
             (
-                len(offsets) >= 1 and len(set(offsets)) == len(offsets) and all(isinstance(o, int) for o in offsets),
+                len(offsets) >= 1
+                and len(set(offsets)) == len(offsets)
+                and all(isinstance(o, int) for o in offsets),
                 f"selfy_temporal_offsets must be distinct ints, got {offsets}",
             ),
             (
-                max(abs(o) for o in offsets) < self.num_frames,
+                max((abs(o) for o in offsets), default=0) < self.num_frames,
                 f"selfy_temporal_offsets {offsets} reach beyond a clip of num_frames={self.num_frames}",
             ),
             (window >= 3 and window % 2 == 1, f"selfy_window_size must be an odd int >= 3, got {window}"),
-            (self.selfy_similarity in SIMILARITIES, f"selfy_similarity must be one of {SIMILARITIES}, got {self.selfy_similarity!r}"),
-            (self.selfy_extraction in EXTRACTIONS, f"selfy_extraction must be one of {EXTRACTIONS}, got {self.selfy_extraction!r}"),
-            (self.selfy_integration in INTEGRATIONS, f"selfy_integration must be one of {INTEGRATIONS}, got {self.selfy_integration!r}"),
+            (
+                self.selfy_similarity in SIMILARITIES,
+                f"selfy_similarity must be one of {SIMILARITIES}, got {self.selfy_similarity!r}",
+            ),
+            (
+                self.selfy_extraction in EXTRACTIONS,
+                f"selfy_extraction must be one of {EXTRACTIONS}, got {self.selfy_extraction!r}",
+            ),
+            (
+                self.selfy_integration in INTEGRATIONS,
+                f"selfy_integration must be one of {INTEGRATIONS}, got {self.selfy_integration!r}",
+            ),
             (
                 len(extraction_channels) == 4 and all(c >= 1 for c in extraction_channels),
                 f"selfy_extraction_channels must be 4 positive ints, got {extraction_channels}",
             ),
             (
-                len(self.selfy_integration_channels) == 4 and all(c >= 1 for c in self.selfy_integration_channels),
+                len(self.selfy_integration_channels) == 4
+                and all(c >= 1 for c in self.selfy_integration_channels),
                 f"selfy_integration_channels must be 4 positive ints, got {self.selfy_integration_channels}",
             ),
             (self.selfy_softargmax_temperature > 0, "selfy_softargmax_temperature must be > 0"),

@@ -47,7 +47,9 @@ def count_complexity(
     config = model.config
     num_frames = num_frames or config.num_frames
     device = next(model.parameters()).device
-    pixel_values = torch.zeros(batch_size, num_frames, config.num_channels, image_size, image_size, device=device)
+    pixel_values = torch.zeros(
+        batch_size, num_frames, config.num_channels, image_size, image_size, device=device
+    )
     correlations = [m for m in model.modules() if isinstance(m, StssCorrelation)]
     correlation_macs = 0
 
@@ -66,9 +68,7 @@ def count_complexity(
         for hook in hooks:
             hook.remove()
     counted_in_correlations = sum(
-        sum(ops.values())
-        for name, ops in counter.get_flop_counts().items()
-        if name.endswith(".correlation")
+        sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith(".correlation")
     )
     macs = (counter.get_total_flops() - counted_in_correlations) // 2 + correlation_macs
     params = sum(p.numel() for p in model.parameters())

@@ -96,7 +96,9 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential
     """torchvision's projection shortcut (`downsample.0` conv, `downsample.1` BN) where the shape changes."""
     if stride == 1 and in_channels == out_channels:
         return None
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
 
 
 class SelfyConvNormAct(nn.Module):
@@ -124,9 +126,16 @@ class SelfyConvNormAct(nn.Module):
         return F.relu(x, inplace=True) if self.activation else x
 
 
-def _conv1x3x3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1, size: int = 3) -> nn.Conv3d:
+def _conv1x3x3(
+    in_channels: int, out_channels: int, stride: int = 1, padding: int = 1, size: int = 3
+) -> nn.Conv3d:
     return nn.Conv3d(
-        in_channels, out_channels, (1, size, size), stride=(1, stride, stride), padding=(0, padding, padding), bias=False
+        in_channels,
+        out_channels,
+        (1, size, size),
+        stride=(1, stride, stride),
+        padding=(0, padding, padding),
+        bias=False,
     )
 
 
@@ -364,7 +373,10 @@ class SelfyModel(SelfyPreTrainedModel):
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))
             in_channels = out_channels
         self.selfy_blocks = nn.ModuleDict(
-            {f"layer{stage}": SelfyBlock(config, config.hidden_sizes[stage - 1]) for stage in sorted(config.selfy_stages)}
+            {
+                f"layer{stage}": SelfyBlock(config, config.hidden_sizes[stage - 1])
+                for stage in sorted(config.selfy_stages)
+            }
         )
         self.gradient_checkpointing = False
         self.post_init()
@@ -433,7 +445,9 @@ class SelfyModel(SelfyPreTrainedModel):
         """Validate `(B, T, C, H, W)` / `(B, V, T, C, H, W)` input and return its leading dims `(B,)` / `(B, V)`."""
         config = self.config
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (5, 6):
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            shape = (
+                tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            )
             raise ValueError(
                 f"pixel_values must be a tensor of shape (batch, frames, channels, height, width) or "
                 f"(batch, views, frames, channels, height, width); got {shape}"
@@ -495,7 +509,9 @@ class SelfyForVideoClassification(SelfyPreTrainedModel):
         if not return_dict:
             output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
-        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return ImageClassifierOutputWithNoAttention(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states
+        )
 
 
 __all__ = [
