@@ -419,11 +419,10 @@ class SelfyModel(SelfyPreTrainedModel):
         for stage in range(1, 5):
             for block in getattr(self, f"layer{stage}"):
                 x = self._run(block, x)
-            selfy_block = self.selfy_blocks[f"layer{stage}"] if f"layer{stage}" in self.selfy_blocks else None
-            if selfy_block is not None:
+            if f"layer{stage}" in self.selfy_blocks:
                 if output_hidden_states:
                     hidden_states.append(x)
-                x = self._run(selfy_block, x)
+                x = self._run(self.selfy_blocks[f"layer{stage}"], x)
             if output_hidden_states:
                 hidden_states.append(x)
         pooled = x.mean(dim=(-2, -1))
