@@ -28,6 +28,7 @@ _TINY_BACKBONE = {
     "hidden_sizes": [16, 32, 64, 128],
     "selfy_hidden_size": 32,
     "selfy_downsample": False,
+    "selfy_window_size": 5,
     "selfy_extraction_channels": [4, 16, 32, 32],
     "selfy_integration_channels": [32, 32, 32, 32],
 }

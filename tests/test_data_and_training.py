@@ -1,0 +1,189 @@
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyVideoProcessor
+from selfy_hf.data import (
+    VideoClassificationDataset,
+    collate_videos,
+    load_class_folder,
+    load_hub_dataset,
+    load_list_file,
+)
+from selfy_hf.motion_dataset import LABELS, PAIRS, MotionDatasetSpec, make_motion_dataset
+from selfy_hf.training import (
+    TrainingConfig,
+    build_optimizer_and_scheduler,
+    parameter_groups,
+    parse_args,
+    train,
+)
+from selfy_hf.video_io import read_frames
+
+SPEC = MotionDatasetSpec(frames=8, size=32, train_per_class=2, validation_per_class=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def motion(tmp_path_factory):
+    return make_motion_dataset(tmp_path_factory.mktemp("motion"), SPEC, progress=False)
+
+
+def folder(label: str) -> str:
+    return label.replace(" ", "_")
+
+
+def test_motion_dataset_is_deterministic_lossless_and_time_reversed(motion, tmp_path):
+    again = make_motion_dataset(tmp_path / "again", SPEC, progress=False)
+    first = motion / "train" / folder(PAIRS[0][0]) / "00001.mkv"
+    assert first.read_bytes() == (again / first.relative_to(motion)).read_bytes()
+    for forward, backward in PAIRS:
+        ahead = read_frames(motion / "train" / folder(forward) / "00000.mkv", range(SPEC.frames))
+        behind = read_frames(motion / "train" / folder(backward) / "00000.mkv", range(SPEC.frames))
+        assert np.array_equal(
+            ahead, behind[::-1]
+        )  # same frames, opposite order: a frame-set model can't tell
+        assert not np.array_equal(ahead, behind)
+    assert json.loads((motion / "labels.json").read_text())["labels"] == LABELS
+
+
+def test_class_folder_keeps_the_given_label_order(motion):
+    names = [folder(label) for label in LABELS]
+    split = load_class_folder(motion / "train", names)
+    assert split.label_names == names and len(split.videos) == 2 * len(LABELS)
+    assert split.labels[:2] == [0, 0] and split.id2label[1] == names[1]
+    with pytest.raises(ValueError, match="not among the given labels"):
+        load_class_folder(motion / "train", names[:3])
+    with pytest.raises(FileNotFoundError):
+        load_class_folder(motion / "nowhere")
+
+
+def test_list_file_of_frame_folders(tmp_path):
+    from PIL import Image
+
+    for video in ("a", "b"):
+        (tmp_path / video).mkdir()
+        for index in range(1, 6):
+            Image.new("RGB", (16, 16), (index * 40, 0, 0)).save(tmp_path / video / f"img_{index:05d}.jpg")
+    (tmp_path / "train.txt").write_text("a 5 0\nb 5 2\n")
+    split = load_list_file(tmp_path / "train.txt")
+    assert split.labels == [0, 2] and len(split.label_names) == 3
+    (tmp_path / "bad.txt").write_text("c 5 1\n")
+    with pytest.raises(FileNotFoundError, match="bad.txt:1"):
+        load_list_file(tmp_path / "bad.txt")
+
+
+def test_dataset_with_video_bytes_as_push_to_hub_writes_it(motion, tmp_path):
+    videos = sorted((motion / "validation").rglob("*.mkv"))
+    table = datasets.Dataset.from_dict(
+        {
+            "video": [{"bytes": v.read_bytes(), "path": None} for v in videos],
+            "label": list(range(len(videos))),
+        },
+        features=datasets.Features(
+            {
+                "video": datasets.Video(decode=False),
+                "label": datasets.ClassLabel(names=[str(i) for i in range(len(videos))]),
+            }
+        ),
+    )
+    (tmp_path / "data").mkdir()
+    table.to_parquet(str(tmp_path / "data" / "validation-00000-of-00001.parquet"))
+    split = load_hub_dataset(str(tmp_path), "validation")
+    assert isinstance(split.videos[0], bytes) and split.labels == list(range(len(videos)))
+    processor = SelfyVideoProcessor(crop_size=32, size={"shortest_edge": 32})
+    item = VideoClassificationDataset(split, processor, training=False)[0]
+    assert item["pixel_values"].shape == (8, 3, 32, 32)
+
+
+def test_items_are_reproducible_per_epoch_and_collate(motion):
+    split = load_class_folder(motion / "train", [folder(label) for label in LABELS])
+    processor = SelfyVideoProcessor(crop_size=24, size={"shortest_edge": 32})
+    dataset = VideoClassificationDataset(split, processor, training=True, seed=1)
+    first = dataset[3]["pixel_values"]
+    assert torch.equal(first, dataset[3]["pixel_values"])
+    dataset.set_epoch(1)
+    assert not torch.equal(first, dataset[3]["pixel_values"])
+    batch = collate_videos([dataset[0], dataset[5]])
+    assert batch["pixel_values"].shape == (2, 8, 3, 24, 24) and batch["labels"].tolist() == [0, 2]
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    model = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tiny", num_labels=3))
+    decay, no_decay = parameter_groups(model, 5e-4)
+    assert any(p is model.classifier.weight for p in decay["params"])
+    assert any(p is model.classifier.bias for p in no_decay["params"])
+    assert any(p is model.selfy.bn1.weight for p in no_decay["params"])
+    assert all(p.dim() > 1 for p in decay["params"])
+
+
+def test_official_recipe_scales_lr_and_steps_down():
+    model = SelfyForVideoClassification(SelfyConfig.from_preset("tsn-tiny", num_labels=3))
+    config = TrainingConfig(recipe="official", batch_size=8, epochs=50)
+    optimizer, scheduler = build_optimizer_and_scheduler(model, config, steps_per_epoch=10, world_size=2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 16 / 64)
+    assert optimizer.defaults["nesterov"] and optimizer.param_groups[0]["weight_decay"] == 5e-4
+    rates = []
+    for _ in range(50 * 10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert (
+        rates[299] == pytest.approx(0.0025)
+        and rates[300] == pytest.approx(0.00025)
+        and rates[400] == pytest.approx(0.000025)
+    )
+
+
+def _config(motion, output_dir, **overrides) -> TrainingConfig:
+    base = {
+        "output_dir": str(output_dir),
+        "dataset": str(motion),
+        "epochs": 2,
+        "batch_size": 4,
+        "crop_size": 32,
+        "resize_shortest_edge": 32,
+        "checkpoint_every_steps": 2,
+        "seed": 5,
+    }
+    return TrainingConfig(**{**base, **overrides})
+
+
+def test_training_writes_a_loadable_model_logs_and_plot(motion, tmp_path):
+    metrics = train(_config(motion, tmp_path / "run", epochs=1))
+    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["num_samples"] == len(LABELS)
+    from transformers import AutoModelForVideoClassification
+
+    model = AutoModelForVideoClassification.from_pretrained(tmp_path / "run")
+    assert model.config.id2label[0] == folder(LABELS[0])
+    for name in (
+        "training_curves.png",
+        "log.jsonl",
+        "video_preprocessor_config.json",
+        "training_config.json",
+    ):
+        assert (tmp_path / "run" / name).exists()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_resuming_after_an_interruption_gives_the_same_weights(motion, tmp_path):
+    train(_config(motion, tmp_path / "straight"))
+    train(_config(motion, tmp_path / "interrupted", max_steps=2))  # stops mid-epoch right after a checkpoint
+    assert (tmp_path / "interrupted" / "checkpoints" / "step-2").is_dir()
+    train(_config(motion, tmp_path / "interrupted"))  # picks up at epoch 0, batch 2
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "model.safetensors")
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+    assert not list((tmp_path / "interrupted" / "checkpoints").glob("*.tmp"))
+
+
+def test_command_line_options():
+    config = parse_args(
+        ["--epochs", "3", "--config-overrides", "selfy_temporal_offsets=[1]", "--gradient-checkpointing"]
+    )
+    assert config.epochs == 3 and config.gradient_checkpointing
+    assert config.config_overrides == {"selfy_temporal_offsets": [1]}
