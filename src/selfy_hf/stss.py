@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Measured crossover (CPU, fp32, C=128, window 9, offsets -2..2, see benchmark_stss): all-pairs is faster up to
-# 21x21 maps, tiles from 24x24 on.
+# Measured crossover (CPU, fp32, 8 frames, C=128, window 9, L = 1, 5 and 7, forward+backward; benchmark_stss):
+# all-pairs is faster up to 22x22 maps, tiles from 24x24 on (about even in between).
 ALL_PAIRS_MAX_POSITIONS = 22 * 22
 STSS_METHODS = ("auto", "all_pairs", "tiles", "reference")
 _TILE_SIZES = (8, 7)
