@@ -164,9 +164,11 @@ def test_training_writes_a_loadable_model_logs_and_plot(motion, tmp_path):
         "log.jsonl",
         "video_preprocessor_config.json",
         "training_config.json",
+        "README.md",
     ):
         assert (tmp_path / "run" / name).exists()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert "model-index" in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_resuming_after_an_interruption_gives_the_same_weights(motion, tmp_path):

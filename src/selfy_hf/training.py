@@ -351,6 +351,10 @@ def train(config: TrainingConfig) -> dict:
         unwrapped.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         plot_training_curves(output_dir / "log.jsonl", output_dir / "training_curves.png")
+        if metrics:  # a model card with the last validation results makes the output folder shareable as is
+            from .hub import render_run_card
+
+            render_run_card(output_dir)
     accelerator.wait_for_everyone()
     return metrics
 
