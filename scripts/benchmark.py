@@ -18,10 +18,11 @@ import torch
 
 from selfy_hf.benchmarking import (
     DEFAULT_MODELS,
+    DEFAULT_STSS_CASES,
     DEFAULT_VARIANTS,
     MODEL_VARIANTS,
     QUICK_MODELS,
-    benchmark_model,
+    benchmark_models,
     benchmark_stss,
     format_model_benchmark,
     format_stss_table,
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in _names(s)], default=[1, 4])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument(
-        "--quick", action="store_true", help="R18 models only, 1 warm-up and 3 timed iterations"
+        "--quick",
+        action="store_true",
+        help="R18 models only, 1 warm-up and 3 timed iterations, one STSS case without memory measurement",
     )
     parser.add_argument("--warmup", type=int, help="untimed calls before timing (default 3, --quick 1)")
     parser.add_argument(
@@ -123,24 +126,23 @@ def main(argv: list[str] | None = None) -> int:
         f"allocator {'retaining freed memory' if retained else 'default'}\n"
     )
     peaks = None if args.no_peaks else measure_peaks(device, amp_dtype)
-    rows = []
-    for preset in models:
-        rows += benchmark_model(
-            preset,
-            variants=args.variants,
-            batch_sizes=args.batch_sizes,
-            image_size=args.image_size,
-            device=device,
-            amp_dtype=amp_dtype,
-            warmup=warmup,
-            iters=iters,
-            num_threads=args.threads,
-        )
+    rows = benchmark_models(
+        models,
+        variants=args.variants,
+        batch_sizes=args.batch_sizes,
+        image_size=args.image_size,
+        device=device,
+        amp_dtype=amp_dtype,
+        warmup=warmup,
+        iters=iters,
+        num_threads=args.threads,
+    )
     amp_name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
     print(format_model_benchmark(rows, peaks, amp_name=amp_name))
     stss_rows = []
     if not args.no_stss:
         stss_rows = benchmark_stss(
+            cases=DEFAULT_STSS_CASES[:1] if args.quick else DEFAULT_STSS_CASES,
             device=str(device),
             repeats=iters,
             warmup=warmup,

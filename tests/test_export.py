@@ -16,7 +16,7 @@ from selfy_hf.benchmarking import (
     MODEL_VARIANTS,
     ModelBenchmarkRow,
     baseline_preset,
-    benchmark_model,
+    benchmark_models,
     format_model_benchmark,
     measure_peaks,
     selfy_baseline_ratios,
@@ -167,12 +167,11 @@ def test_baseline_preset_pairs_selfynets_with_their_backbone():
 
 def test_benchmark_model_rows_and_markdown():
     variants = ["eager", "channels_last", "amp", "train_eager"]
-    rows = []
-    for preset in ("tsm-tiny", "selfynet-tiny"):
-        rows += benchmark_model(preset, variants=variants, batch_sizes=(1,), image_size=32, warmup=0, iters=1)
-    expected = [(model, variant, 1) for model in ("tsm-tiny", "selfynet-tiny") for variant in variants]
+    presets = ("tsm-tiny", "selfynet-tiny")
+    rows = benchmark_models(presets, variants=variants, batch_sizes=(1,), image_size=32, warmup=0, iters=2)
+    expected = [(model, variant, 1) for variant in variants for model in presets]
     assert [(r.model, r.variant, r.batch_size) for r in rows] == expected
-    assert all(r.seconds > 0 and r.skipped is None for r in rows)
+    assert all(r.seconds >= r.min_seconds > 0 and r.skipped is None for r in rows)
     assert all(r.gmacs_per_clip > 0 and r.gflops_per_second > 0 for r in rows)
     ratios = selfy_baseline_ratios(rows)
     assert len(ratios) == len(variants)
@@ -190,8 +189,8 @@ def test_benchmark_model_rows_and_markdown():
 
 @needs_onnxruntime
 def test_onnxruntime_variant_times_the_exported_graph():
-    rows = benchmark_model(
-        "tsn-tiny", variants=["onnxruntime"], batch_sizes=(1, 2), image_size=32, warmup=0, iters=1
+    rows = benchmark_models(
+        ["tsn-tiny"], variants=["onnxruntime"], batch_sizes=(1, 2), image_size=32, warmup=0, iters=1
     )
     assert [(r.variant, r.batch_size, r.skipped) for r in rows] == [
         ("onnxruntime", 1, None),
@@ -206,7 +205,9 @@ def test_unavailable_variants_are_reported_not_run():
     )
     assert row.clips_per_second is None and "onnxruntime runs on CPU here" in format_model_benchmark([row])
     with pytest.raises(ValueError, match="Unknown variants"):
-        benchmark_model("tsn-tiny", variants=["warp_speed"])
+        benchmark_models(["tsn-tiny"], variants=["warp_speed"])
+    with pytest.raises(TypeError, match="sequence of preset names"):
+        benchmark_models("tsn-tiny")
     assert set(MODEL_VARIANTS) >= {"eager", "compiled", "onnxruntime", "train_eager", "train_amp"}
 
 

@@ -345,30 +345,33 @@ def _benchmark_stss_case(
 
 
 def format_stss_table(rows: Sequence[dict], baseline: str = "einsum") -> str:
-    """A markdown table of `benchmark_stss` rows, with each variant's speed-up over `baseline` in the same case
-    (median forward+backward time; forward in brackets)."""
+    """A markdown table of `benchmark_stss` rows: times as "median (min)" in ms, peak memory in MiB, and each
+    variant's speed-up over `baseline` in the same case as "ratio of medians (ratio of minima)"."""
     baselines = {row["case"]: row for row in rows if row["variant"] == baseline}
-    header = (
-        "| case | variant | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | speed-up vs "
-        f"{baseline} fwd+bwd (fwd) | max abs diff |"
-    )
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| case | variant | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fwd speed-up vs {baseline} "
+        f"| fwd+bwd speed-up vs {baseline} | max abs diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        reference = baselines.get(row["case"])
-        speedup = (
-            f"{reference['forward_backward_ms'] / row['forward_backward_ms']:.2f}x "
-            f"({reference['forward_ms'] / row['forward_ms']:.2f}x)"
-            if reference
-            else "-"
-        )
-        memory = [
+        cells = [row["case"], row["variant"]]
+        cells += [
+            f"{row[f'{kind}_ms']:.2f} ({row[f'{kind}_min_ms']:.2f})"
+            for kind in ("forward", "forward_backward")
+        ]
+        cells += [
             f"{row[key]:.1f}" if key in row else "-"
             for key in ("forward_peak_mib", "forward_backward_peak_mib")
         ]
-        lines.append(
-            f"| {row['case']} | {row['variant']} | {row['forward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
-            f"{memory[0]} | {memory[1]} | {speedup} | {row['max_abs_diff']:.1e} |"
-        )
+        reference = baselines.get(row["case"])
+        for kind in ("forward", "forward_backward"):
+            if reference is None:
+                cells.append("-")
+                continue
+            median = reference[f"{kind}_ms"] / row[f"{kind}_ms"]
+            cells.append(f"{median:.2f}x ({reference[f'{kind}_min_ms'] / row[f'{kind}_min_ms']:.2f}x)")
+        cells.append(f"{row['max_abs_diff']:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -424,7 +427,7 @@ DEFAULT_VARIANTS = (
 
 @dataclass
 class ModelBenchmarkRow:
-    """One measured (model, variant, batch size): median seconds per call, clips/s and achieved GFLOP/s."""
+    """One measured (model, variant, batch size): median (and minimum) seconds per call, clips/s, GFLOP/s."""
 
     model: str
     variant: str
@@ -434,7 +437,8 @@ class ModelBenchmarkRow:
     image_size: int
     device: str
     gmacs_per_clip: float
-    seconds: float | None = None
+    seconds: float | None = None  # median
+    min_seconds: float | None = None
     skipped: str | None = None  # why the variant could not run here (e.g. onnxruntime on CUDA)
 
     @property
@@ -600,8 +604,57 @@ def _why_unavailable(variant: ModelVariant, device: torch.device) -> str | None:
     return None
 
 
-def benchmark_model(
-    preset: str,
+def _prepare(base: nn.Module, variant: ModelVariant) -> tuple[nn.Module, nn.Module]:
+    """A fresh copy of `base` set up for `variant`, and what to call (the copy, or its `torch.compile` wrapper)."""
+    model = copy.deepcopy(base).train(variant.training)
+    if variant.channels_last:
+        to_channels_last(model)
+    return model, torch.compile(model, dynamic=False) if variant.backend == "compiled" else model
+
+
+def _make_step(
+    model: nn.Module,
+    runner: nn.Module,
+    variant: ModelVariant,
+    batch: int,
+    image_size: int,
+    amp_dtype: torch.dtype,
+    onnx_dir: Path,
+    num_threads: int | None,
+    generator: torch.Generator,
+) -> Callable[[], object]:
+    """One inference call or training step of `variant` on a random batch."""
+    config = model.config
+    device = next(model.parameters()).device
+    shape = (batch, config.num_frames, config.num_channels, image_size, image_size)
+    pixel_values = torch.randn(shape, generator=generator).to(device)
+    if variant.channels_last:
+        pixel_values = _channels_last_clips(pixel_values)
+    if variant.backend == "onnxruntime":
+        return _onnxruntime_step(model, pixel_values, onnx_dir, num_threads)
+    if variant.training:
+        labels = torch.randint(config.num_labels, (batch,), generator=generator).to(device)
+        return _training_step(runner, pixel_values, labels, variant.autocast, amp_dtype)
+    return _inference_step(runner, pixel_values, variant.autocast, amp_dtype)
+
+
+def _round_robin_seconds(
+    steps: dict[str, Callable[[], object]], device: torch.device, iters: int
+) -> dict[str, list[float]]:
+    """Time each step `iters` times, the steps taking turns, so that load from elsewhere spreads over all of them."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def benchmark_models(
+    presets: Sequence[str],
     variants: Sequence[str] = DEFAULT_VARIANTS,
     batch_sizes: Sequence[int] = (1, 4),
     image_size: int = 224,
@@ -614,55 +667,73 @@ def benchmark_model(
     seed: int = 0,
 ) -> list[ModelBenchmarkRow]:
     """
-    Time one preset (e.g. `"selfynet-tsm-r18"`) under each of `variants` (names from `MODEL_VARIANTS`) and batch size
-    on `(batch, T, 3, image_size, image_size)` random clips: median seconds per inference call or per SGD training
-    step (forward, cross-entropy, backward, update). Each variant runs on a fresh copy of the same model. A variant
-    that cannot run here (ONNX Runtime on CUDA, a missing package, a failing `torch.compile`) gives a row whose
-    `skipped` says why.
+    Time presets (e.g. `["tsm-r18", "selfynet-tsm-r18"]`) under each of `variants` (names from `MODEL_VARIANTS`) and
+    batch size on `(batch, T, 3, image_size, image_size)` random clips: seconds per inference call or per SGD
+    training step (forward, cross-entropy, backward, update), median (and minimum) of `iters` calls after `warmup`
+    untimed ones (at least one, which also compiles or exports). For each variant and batch size the presets take
+    turns call by call, so that load from elsewhere on a shared machine spreads over all of them and their ratios
+    stay meaningful. Each variant runs on fresh copies of the models. A variant that cannot run here (ONNX Runtime
+    on CUDA, a missing package, a failing `torch.compile`) gives rows whose `skipped` says why.
     """
+    if isinstance(presets, str):
+        raise TypeError(f"presets must be a sequence of preset names, e.g. [{presets!r}], not a string")
     unknown = [name for name in variants if name not in MODEL_VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variants {unknown}; choose from {sorted(MODEL_VARIANTS)}")
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     device = torch.device(device)
-    base = _build_model(preset, num_labels, device, seed)
-    frames = base.config.num_frames
-    gmacs = count_complexity(base, image_size=image_size).gmacs
+    bases = {preset: _build_model(preset, num_labels, device, seed) for preset in presets}
+    gmacs = {preset: count_complexity(model, image_size=image_size).gmacs for preset, model in bases.items()}
     generator = torch.Generator().manual_seed(seed)
     rows = []
     with tempfile.TemporaryDirectory() as onnx_dir:
         for name in variants:
             variant = MODEL_VARIANTS[name]
-            model = copy.deepcopy(base)
-            model.train(variant.training)
-            if variant.channels_last:
-                to_channels_last(model)
-            runner = torch.compile(model, dynamic=False) if variant.backend == "compiled" else model
+            prepared = {preset: _prepare(base, variant) for preset, base in bases.items()}
             for batch in batch_sizes:
-                row = ModelBenchmarkRow(
-                    preset, name, variant.training, batch, frames, image_size, str(device), gmacs
-                )
-                rows.append(row)
-                row.skipped = _why_unavailable(variant, device)
-                if row.skipped:
-                    continue
-                shape = (batch, frames, base.config.num_channels, image_size, image_size)
-                pixel_values = torch.randn(shape, generator=generator).to(device)
-                if variant.channels_last:
-                    pixel_values = _channels_last_clips(pixel_values)
-                if variant.backend == "onnxruntime":
-                    step = _onnxruntime_step(model, pixel_values, Path(onnx_dir), num_threads)
-                elif variant.training:
-                    labels = torch.randint(num_labels, (batch,), generator=generator).to(device)
-                    step = _training_step(runner, pixel_values, labels, variant.autocast, amp_dtype)
-                else:
-                    step = _inference_step(runner, pixel_values, variant.autocast, amp_dtype)
-                try:
-                    row.seconds = median_seconds(step, device, warmup, iters)
-                except Exception as error:  # a failing backend is reported in the table, not fatal
-                    if variant.backend == "eager":
-                        raise
-                    row.skipped = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-            del model, runner
+                steps = {}
+                for preset, (model, runner) in prepared.items():
+                    row = ModelBenchmarkRow(
+                        preset,
+                        name,
+                        variant.training,
+                        batch,
+                        model.config.num_frames,
+                        image_size,
+                        str(device),
+                        gmacs[preset],
+                    )
+                    rows.append(row)
+                    row.skipped = _why_unavailable(variant, device)
+                    if row.skipped:
+                        continue
+                    try:
+                        step = _make_step(
+                            model,
+                            runner,
+                            variant,
+                            batch,
+                            image_size,
+                            amp_dtype,
+                            Path(onnx_dir),
+                            num_threads,
+                            generator,
+                        )
+                        for _ in range(max(warmup, 1)):
+                            step()
+                    except Exception as error:  # a failing backend is reported in the table, not fatal
+                        if variant.backend == "eager":
+                            raise
+                        row.skipped = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                        continue
+                    steps[preset] = step
+                times = _round_robin_seconds(steps, device, iters)
+                for row in rows[-len(prepared) :]:
+                    if row.model in times:
+                        row.seconds = statistics.median(times[row.model])
+                        row.min_seconds = min(times[row.model])
+            del prepared
     return rows
 
 
@@ -848,7 +919,7 @@ __all__ = [
     "ModelBenchmarkRow",
     "ModelVariant",
     "baseline_preset",
-    "benchmark_model",
+    "benchmark_models",
     "format_model_benchmark",
     "measure_peaks",
     "median_seconds",

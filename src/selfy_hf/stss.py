@@ -101,7 +101,8 @@ def stss_reference(x: torch.Tensor, temporal_offsets: Sequence[int], window: int
 
 
 def _cached(key: tuple, build: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """Index tensors per (geometry, device), built once; a traced or compiled graph builds its own (as constants)."""
+    """Index tensors per (geometry, device), built once. Under `torch.compile` / `torch.export` they are built inside
+    the graph instead, so that no fake or functional tensor of a trace is ever cached."""
     if torch.compiler.is_compiling():
         return build()
     if key not in _INDEX_CACHE:
@@ -310,6 +311,7 @@ def _tile_similarities(
 
 
 def _tiles_to_output(similarities: torch.Tensor, geometry: _TileGeometry) -> torch.Tensor:
+    """`(L, T*B*tiles, tile*tile, U*V)` to the contiguous `(B, T, H, W, L, U, V)` result, tile padding cut off."""
     g = geometry
     out = similarities.view(
         len(g.offsets), g.frames, g.batch, g.tiles_y, g.tiles_x, g.tile, g.tile, g.window**2
@@ -321,6 +323,7 @@ def _tiles_to_output(similarities: torch.Tensor, geometry: _TileGeometry) -> tor
 
 
 def _output_to_tiles(out: torch.Tensor, geometry: _TileGeometry) -> torch.Tensor:
+    """The inverse of `_tiles_to_output` (for the gradient), zeros on the tile padding."""
     g = geometry
     padded = F.pad(out, (0, 0, 0, 0, 0, 0, 0, g.tiles_x * g.tile - g.width, 0, g.tiles_y * g.tile - g.height))
     padded = padded.reshape(
