@@ -22,6 +22,7 @@ from selfy_hf.evaluation import (
     plot_robustness,
     robustness_curves,
 )
+from selfy_hf.metrics import classification_metrics, pair_accuracy
 from selfy_hf.video_processing_selfy import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 32
@@ -147,6 +148,26 @@ def test_metrics_from_known_logits():
     assert results["num_samples"] == 8 and results["views"] == "1x1"
     matrix = torch.tensor(results["confusion_matrix"])
     assert matrix[0, 0] == 3 and matrix[3, 0] == 1 and matrix[4, 5] == 1 and matrix.sum() == 8
+
+
+def test_pair_accuracy_asks_only_which_of_the_two_partners_wins():
+    # Pairs (0, 1) and (2, 3); class 4 has no partner and is left out.
+    logits = torch.tensor(
+        [
+            [5.0, 1, 9, 0, 0],  # label 0 beats its partner 1 (class 2 winning overall does not matter)
+            [5.0, 1, 0, 0, 0],  # label 1 loses to 0
+            [0.0, 0, 2, 2, 0],  # label 2 ties with 3: half a hit
+            [0.0, 0, 1, 3, 0],  # label 3 beats 2
+            [9.0, 0, 0, 0, 0],  # label 4: not in a pair
+        ]
+    )
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    assert pair_accuracy(logits, labels, [(0, 1), (2, 3)]) == pytest.approx(2.5 / 4)
+    assert classification_metrics(logits, labels, label_pairs=[(0, 1)])["pair_accuracy"] == pytest.approx(
+        1 / 2
+    )
+    assert "pair_accuracy" not in classification_metrics(logits, labels)
+    assert np.isnan(pair_accuracy(logits, torch.tensor([4]), [(0, 1)]))
 
 
 def test_views_are_averaged_by_the_model():
