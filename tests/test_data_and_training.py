@@ -155,6 +155,7 @@ def _config(motion, output_dir, **overrides) -> TrainingConfig:
 def test_training_writes_a_loadable_model_logs_and_plot(motion, tmp_path):
     metrics = train(_config(motion, tmp_path / "run", epochs=1))
     assert 0.0 <= metrics["top1"] <= 1.0 and metrics["num_samples"] == len(LABELS)
+    assert 0.0 <= metrics["pair_accuracy"] <= 1.0  # the motion dataset declares its reversal pairs
     from transformers import AutoModelForVideoClassification
 
     model = AutoModelForVideoClassification.from_pretrained(tmp_path / "run")

@@ -146,6 +146,19 @@ def load_splits(config: TrainingConfig) -> tuple[VideoSplit, VideoSplit]:
     return load_hub_dataset(source, config.train_split), load_hub_dataset(source, config.validation_split)
 
 
+def declared_label_pairs(config: TrainingConfig, label_names: list[str]) -> list[tuple[int, int]]:
+    """Label-id pairs of classes that are each other's time reversal, as a dataset's `labels.json` declares them
+    (`{"pairs": [[name, name], ...]}`, as the motion dataset writes it); none for other datasets."""
+    root = Path(config.dataset) if config.dataset is not None else DEFAULT_MOTION_DIR
+    manifest = root / "labels.json"
+    if not manifest.is_file():
+        return []
+    declared = json.loads(manifest.read_text())
+    index = {name: i for i, name in enumerate(label_names)}
+    pairs = declared.get("pairs", []) if isinstance(declared, dict) else []
+    return [(index[a.replace(" ", "_")], index[b.replace(" ", "_")]) for a, b in pairs]
+
+
 def _declared_label_order(root: Path) -> list[str] | None:
     """Class-folder names in the order a dataset's `labels.json` gives (a list, or {"labels": [...]}), if any."""
     manifest = root / "labels.json"
@@ -183,7 +196,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _evaluate(model, loader, accelerator) -> dict:
+def _evaluate(model, loader, accelerator, label_pairs: list[tuple[int, int]]) -> dict:
     model.eval()
     all_logits, all_labels = [], []
     with torch.no_grad():
@@ -193,7 +206,7 @@ def _evaluate(model, loader, accelerator) -> dict:
             all_logits.append(logits.float().cpu())
             all_labels.append(labels.cpu())
     model.train()
-    return classification_metrics(torch.cat(all_logits), torch.cat(all_labels))
+    return classification_metrics(torch.cat(all_logits), torch.cat(all_labels), label_pairs=label_pairs)
 
 
 def train(config: TrainingConfig) -> dict:
@@ -222,6 +235,7 @@ def train(config: TrainingConfig) -> dict:
         label2id={name: i for i, name in train_split.id2label.items()},
         **config.config_overrides,
     )
+    label_pairs = declared_label_pairs(config, train_split.label_names)
     model = SelfyForVideoClassification(model_config)
     if config.imagenet_backbone:
         from .conversion import load_imagenet_backbone
@@ -251,8 +265,10 @@ def train(config: TrainingConfig) -> dict:
     steps_per_epoch = (
         len(train_loader) // (config.gradient_accumulation_steps * accelerator.num_processes) or 1
     )
+    # Once prepared, Accelerate steps the scheduler `num_processes` times per optimizer step (it assumes schedules
+    # counted in single-process steps): size the schedule in those units, so it spans the same epochs.
     optimizer, scheduler = build_optimizer_and_scheduler(
-        model, config, steps_per_epoch, accelerator.num_processes
+        model, config, steps_per_epoch * accelerator.num_processes, accelerator.num_processes
     )
     model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, scheduler
@@ -329,15 +345,16 @@ def train(config: TrainingConfig) -> dict:
         start_batch = 0
         if stop:
             break
-        metrics = _evaluate(model, validation_loader, accelerator)
+        metrics = _evaluate(model, validation_loader, accelerator, label_pairs)
         metrics.update(epoch=epoch + 1, epoch_seconds=time.perf_counter() - started)
         accelerator.print(
             f"epoch {epoch + 1}: "
             + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         )
         if writer is not None:
-            for key in ("top1", "top5", "mean_class_accuracy"):
-                writer.add_scalar(f"validation/{key}", metrics[key], global_step)
+            for key in ("top1", "top5", "mean_class_accuracy", "pair_accuracy"):
+                if key in metrics:
+                    writer.add_scalar(f"validation/{key}", metrics[key], global_step)
             log_file.write(json.dumps({"step": global_step, "validation": metrics}) + "\n")
             log_file.flush()
         meta = {"epoch": epoch + 1, "batch": 0, "global_step": global_step}
@@ -374,7 +391,9 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path:
     axes[0].set(title="training loss", xlabel="step")
     axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps])
     axes[1].set(title="learning rate", xlabel="step")
-    for key in ("top1", "top5", "mean_class_accuracy"):
+    for key in ("top1", "top5", "mean_class_accuracy", "pair_accuracy"):
+        if not evaluations or key not in evaluations[0]["validation"]:
+            continue
         axes[2].plot(
             [r["step"] for r in evaluations],
             [r["validation"][key] for r in evaluations],
@@ -436,6 +455,7 @@ __all__ = [
     "EpochShuffleSampler",
     "TrainingConfig",
     "build_optimizer_and_scheduler",
+    "declared_label_pairs",
     "latest_checkpoint",
     "load_splits",
     "main",
