@@ -50,6 +50,37 @@ def test_motion_dataset_is_deterministic_lossless_and_time_reversed(motion, tmp_
     assert json.loads((motion / "labels.json").read_text())["labels"] == LABELS
 
 
+def _bright_pixels(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates (y down) of the pixels brighter than the darkened background can be."""
+    rows, cols = np.nonzero(frame.astype(float).mean(axis=-1) > 0.6 * 255 + 1)
+    return rows.astype(float), cols.astype(float)
+
+
+def _orientation_degrees(frame: np.ndarray) -> float:
+    """The principal axis of the bright pixels, as drawn on screen (counter-clockwise from the x axis, mod 180)."""
+    rows, cols = _bright_pixels(frame)
+    x, y = cols - cols.mean(), -(rows - rows.mean())  # y up, as a viewer reads angles
+    return 0.5 * np.degrees(np.arctan2(2 * (x * y).mean(), (x * x).mean() - (y * y).mean())) % 180
+
+
+def test_motion_labels_say_what_the_videos_show(motion):
+    def video(label: str) -> np.ndarray:
+        return read_frames(motion / "train" / folder(label) / "00000.mkv", range(SPEC.frames))
+
+    first, last = video("moving right")[0], video("moving right")[-1]
+    assert _bright_pixels(last)[1].mean() > _bright_pixels(first)[1].mean() + 3
+    first, last = video("moving down")[0], video("moving down")[-1]
+    assert _bright_pixels(last)[0].mean() > _bright_pixels(first)[0].mean() + 3
+    first, last = video("approaching")[0], video("approaching")[-1]
+    assert _bright_pixels(last)[0].size > 1.5 * _bright_pixels(first)[0].size
+    frames = video("rotating clockwise")
+    turns = [
+        (_orientation_degrees(b) - _orientation_degrees(a) + 90) % 180 - 90
+        for a, b in zip(frames, frames[1:])
+    ]
+    assert np.median(turns) < -4  # clockwise on screen: the angle a viewer reads decreases
+
+
 def test_class_folder_keeps_the_given_label_order(motion):
     names = [folder(label) for label in LABELS]
     split = load_class_folder(motion / "train", names)

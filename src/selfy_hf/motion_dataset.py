@@ -27,6 +27,7 @@ PAIRS = [
     ("rotating clockwise", "rotating counter-clockwise"),
 ]
 LABELS = [name for pair in PAIRS for name in pair]
+ROTATION_STEP = 0.15  # radians per frame
 TEXTURES = ["brick", "grass", "gravel", "camera", "coffee", "astronaut", "rocket", "chelsea"]
 
 
@@ -68,15 +69,20 @@ def _forward_video(pair: int, spec: MotionDatasetSpec, bank, rng: np.random.Gene
     """One video of the first class of `pair`, `(T, 3, size, size)` in [0, 1]; its partner is its reverse."""
     size, frames = spec.size, spec.frames
     background = _random_patch(bank, size, rng) * 0.6
-    object_size = int(rng.integers(size // 3, size // 2))
+    rotating = pair == 3
+    # A rotating object is a long bar: a disc or a textured square would hardly change when turned.
+    object_size = int(rng.integers(size // 2, size * 3 // 4) if rotating else rng.integers(size // 3, size // 2))
     sprite = _random_patch(bank, object_size, rng)
     radius = object_size / 2
     yy, xx = torch.meshgrid(
         torch.arange(object_size) - radius + 0.5, torch.arange(object_size) - radius + 0.5, indexing="ij"
     )
-    mask = (
-        ((yy**2 + xx**2) <= radius**2).float() if rng.random() < 0.5 else torch.ones(object_size, object_size)
-    )
+    if rotating:
+        mask = (yy.abs() <= object_size / 8).float()
+    elif rng.random() < 0.5:
+        mask = ((yy**2 + xx**2) <= radius**2).float()
+    else:
+        mask = torch.ones(object_size, object_size)
     sprite = sprite * 0.7 + 0.3  # brighter than the background, so the object stands out
     speed = rng.uniform(1.5, 2.5) * size / 64
     start = rng.uniform(size * 0.3, size * 0.7, size=2)
@@ -92,7 +98,9 @@ def _forward_video(pair: int, spec: MotionDatasetSpec, bank, rng: np.random.Gene
         elif pair == 2:
             scale = 0.6 + 0.8 * t / (frames - 1)  # growing: approaching
         else:
-            angle = angle0 + 0.25 * t  # clockwise in image coordinates
+            # clockwise as displayed (a growing angle turns the sampled image counter-clockwise); under pi/2
+            # between the frames TSN sampling keeps, as a bar looks the same after half a turn
+            angle = angle0 - ROTATION_STEP * t
         video.append(_composite(background, sprite, mask, centre, scale, angle))
     return torch.stack(video)
 
