@@ -179,12 +179,13 @@ def _config(motion, output_dir, **overrides) -> TrainingConfig:
         "resize_shortest_edge": 32,
         "checkpoint_every_steps": 2,
         "seed": 5,
+        "final_evaluation": False,
     }
     return TrainingConfig(**{**base, **overrides})
 
 
 def test_training_writes_a_loadable_model_logs_and_plot(motion, tmp_path):
-    metrics = train(_config(motion, tmp_path / "run", epochs=1))
+    metrics = train(_config(motion, tmp_path / "run", epochs=1, final_evaluation=True))
     assert 0.0 <= metrics["top1"] <= 1.0 and metrics["num_samples"] == len(LABELS)
     assert 0.0 <= metrics["pair_accuracy"] <= 1.0  # the motion dataset declares its reversal pairs
     from transformers import AutoModelForVideoClassification
@@ -200,7 +201,12 @@ def test_training_writes_a_loadable_model_logs_and_plot(motion, tmp_path):
     ):
         assert (tmp_path / "run" / name).exists()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
-    assert "model-index" in (tmp_path / "run" / "README.md").read_text()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "model-index" in card
+    evaluation = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
+    assert set(evaluation["models"]["run"]["views"]) == {"1x1", "2x1"}
+    assert (tmp_path / "run" / "evaluation" / "robustness.png").exists()
+    assert "2x1" in card and "occlusion" in card  # the card reports the final evaluation
 
 
 def test_resuming_after_an_interruption_gives_the_same_weights(motion, tmp_path):

@@ -66,6 +66,9 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     imagenet_backbone: str | None = None
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    # after training: 1x1 and 2x1 views and the centre-frame robustness curves, in output_dir/evaluation (the card
+    # reports them)
+    final_evaluation: bool = True
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -137,13 +140,20 @@ def load_splits(config: TrainingConfig) -> tuple[VideoSplit, VideoSplit]:
         train = load_class_folder(path / config.train_split, _declared_label_order(path))
         return train, load_class_folder(path / config.validation_split, train.label_names)
     if path.is_file():
-        validation_file = path.with_name(path.name.replace(config.train_split, config.validation_split))
-        if validation_file == path:
-            raise ValueError(
-                f"{path}: name the train list file with {config.train_split!r} so the validation list is found"
-            )
-        return load_list_file(path), load_list_file(validation_file)
+        return load_list_file(path), load_list_file(_validation_list_file(path, config))
     return load_hub_dataset(source, config.train_split), load_hub_dataset(source, config.validation_split)
+
+
+def _validation_list_file(train_list: Path, config: TrainingConfig) -> Path:
+    """The validation list beside a train list file: the same name with the split names swapped."""
+    validation_file = train_list.with_name(
+        train_list.name.replace(config.train_split, config.validation_split)
+    )
+    if validation_file == train_list:
+        raise ValueError(
+            f"{train_list}: name the train list file with {config.train_split!r} so the validation list is found"
+        )
+    return validation_file
 
 
 def declared_label_pairs(config: TrainingConfig, label_names: list[str]) -> list[tuple[int, int]]:
@@ -368,12 +378,34 @@ def train(config: TrainingConfig) -> dict:
         unwrapped.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         plot_training_curves(output_dir / "log.jsonl", output_dir / "training_curves.png")
+        if config.final_evaluation and metrics:
+            _final_evaluation(config, output_dir, accelerator.device)
         if metrics:  # a model card with the last validation results makes the output folder shareable as is
             from .hub import render_run_card
 
             render_run_card(output_dir)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _final_evaluation(config: TrainingConfig, output_dir: Path, device: torch.device) -> None:
+    """Evaluate the saved model as `selfy-evaluate` would, so that the run's card carries these results."""
+    from .evaluation import run_evaluation
+
+    source = config.dataset or str(DEFAULT_MOTION_DIR)
+    if Path(source).is_file():
+        source = str(_validation_list_file(Path(source), config))
+    run_evaluation(
+        [str(output_dir)],
+        dataset=source,
+        split=config.validation_split,
+        views=["1x1", "2x1"],
+        robustness=["occlusion", "motion_blur"],
+        output_dir=output_dir / "evaluation",
+        model_names=[output_dir.name],
+        batch_size=config.batch_size,
+        device=str(device),
+    )
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path:
@@ -417,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", default=value)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif name == "config_overrides":
             parser.add_argument(
                 flag,
