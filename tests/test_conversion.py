@@ -284,6 +284,33 @@ def test_script_end_to_end(tmp_path, selfy_r18):
     )
 
 
+def test_selfy_convert_command(tmp_path, tsm_r18, capsys):
+    from importlib.metadata import entry_points
+
+    from selfy_hf.conversion import main
+
+    (command,) = entry_points(group="console_scripts", name="selfy-convert")
+    assert command.load() is main
+    assert load_script("convert_official_checkpoint").main is main  # the script only wraps the command
+    checkpoint = tmp_path / "TSM_something_RGB_resnet18.pth"
+    torch.save({"state_dict": official_checkpoint(tsm_r18, tsm_repo=True)}, checkpoint)
+    (tmp_path / "labels.json").write_text(json.dumps(["a", "b", "c", "d", "e"]))
+    output = tmp_path / "tsm"
+    argv = ["--checkpoint", str(checkpoint), "--output", str(output), "--arch", "resnet18"]
+    argv += ["--num-frames", str(FRAMES), "--num-labels", "5", "--no-selfy", "--shift-div", "8"]
+    main([*argv, "--id2label", str(tmp_path / "labels.json")])
+    assert f"Saved the converted model and its video processor to {output}" in capsys.readouterr().out
+    model = SelfyForVideoClassification.from_pretrained(output).eval()
+    assert model.config.temporal_module == "tsm" and model.config.selfy_stages == []
+    assert model.config.id2label[4] == "e"
+    with torch.no_grad():
+        torch.testing.assert_close(model(clips()).logits, tsm_r18(clips()).logits, rtol=0, atol=0)
+    assert SelfyVideoProcessor.from_pretrained(output).size == {"shortest_edge": 256}  # the TSM repo's resize
+    for wrong in (argv[:4], [*argv[:5], "resnet152", *argv[6:]]):  # no --arch; an arch it does not know
+        with pytest.raises(SystemExit):
+            main(wrong)
+
+
 def test_load_id2label_forms(tmp_path):
     assert load_id2label(["a", "b"]) == {0: "a", 1: "b"}
     assert load_id2label({"1": "b", "0": "a"}) == {0: "a", 1: "b"}

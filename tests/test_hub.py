@@ -452,3 +452,22 @@ def test_command_line(fake_hub, run_dir, tmp_path, capsys):
     assert "pushed to" in capsys.readouterr().out
     with pytest.raises(ValueError, match="owner/name"):
         push_to_hub(run_dir, "no-owner", token=TOKEN)
+
+
+def test_card_template_is_package_data():
+    """The template lives in model_cards/ and ships inside the package (wheels included) through a symlink, read
+    with importlib.resources: one text, two ways in."""
+    import fnmatch
+    from importlib import resources
+
+    from selfy_hf.hub import TEMPLATE_RESOURCE, card_template
+
+    tomllib = pytest.importorskip("tomllib")
+    template = resources.files("selfy_hf").joinpath(TEMPLATE_RESOURCE)
+    assert template.is_file() and card_template() == template.read_text(encoding="utf-8")
+    assert "{{ card_data }}" in card_template()
+    repo = Path(__file__).resolve().parents[1]
+    package_data = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any(fnmatch.fnmatch(TEMPLATE_RESOURCE, pattern) for pattern in package_data["selfy_hf"])
+    source = repo / "src" / "selfy_hf" / TEMPLATE_RESOURCE
+    assert source.is_symlink() and source.resolve() == (repo / "model_cards" / "template.md").resolve()

@@ -11,6 +11,7 @@ Weight conversion.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -699,6 +700,53 @@ def convert_imagenet_backbone(
     return model, report
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options of `selfy-convert` (`scripts/convert_official_checkpoint.py`)."""
+    parser = argparse.ArgumentParser(
+        prog="selfy-convert",
+        description="Convert an official SELFY (or mit-han-lab TSM) checkpoint into a `save_pretrained` directory.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="official checkpoint ({'state_dict': ...}, .pth/.tar)"
+    )
+    parser.add_argument(
+        "--output", required=True, help="directory to write the converted model and processor to"
+    )
+    parser.add_argument(
+        "--arch", required=True, choices=sorted(OFFICIAL_ARCHS), help="backbone of the checkpoint"
+    )
+    parser.add_argument(
+        "--num-frames", type=int, required=True, help="frames per clip (official --num_segments)"
+    )
+    parser.add_argument(
+        "--num-labels", type=int, help="classes (default: read from the checkpoint's classifier)"
+    )
+    parser.add_argument("--id2label", help="JSON file: {index: name}, {name: index} or a list of class names")
+    parser.add_argument(
+        "--no-selfy", action="store_true", help="the checkpoint is the TSM baseline (no SELFY block)"
+    )
+    parser.add_argument("--shift-div", type=int, default=8, help="TSM shifts channels // shift_div each way")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`selfy-convert` / `python scripts/convert_official_checkpoint.py`: convert the checkpoint named on the
+    command line and save the model and its video processor."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    convert_official_checkpoint(
+        args.checkpoint,
+        arch=args.arch,
+        num_frames=args.num_frames,
+        num_labels=args.num_labels,
+        id2label=args.id2label,
+        selfy=not args.no_selfy,
+        shift_div=args.shift_div,
+        output_dir=args.output,
+    )
+    print(f"Saved the converted model and its video processor to {args.output}")
+
+
 __all__ = [
     "OFFICIAL_ARCHS",
     "OFFICIAL_SELFY_BLOCK",
@@ -709,9 +757,11 @@ __all__ = [
     "load_imagenet_backbone",
     "load_official_state_dict",
     "load_state_dict_file",
+    "main",
     "official_config",
     "official_key_to_selfy",
     "official_video_processor",
+    "parse_args",
     "read_imagenet_checkpoint",
     "selfy_key_to_official",
     "unwrap_state_dict",

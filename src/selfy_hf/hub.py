@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -22,7 +23,9 @@ from torch import nn
 from .evaluation import motion_label_names, parse_views
 from .flops import count_complexity
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+# The model card template is package data (`pyproject.toml`: [tool.setuptools.package-data]), so wheels carry it.
+TEMPLATE_RESOURCE = "model_card_template.md"
+TEMPLATE_PATH = resources.files(__package__).joinpath(TEMPLATE_RESOURCE)
 MOTION_DATASET_NAME = "SELFY synthetic motion (selfy_hf.motion_dataset)"
 CITATION = """@inproceedings{kwon2021learning,
   title     = {Learning Self-Similarity in Space and Time as Generalized Motion for Video Action Recognition},
@@ -212,6 +215,11 @@ def _robustness_table(robustness: Mapping | None) -> dict | None:
     return {"severities": severities, "rows": rows}
 
 
+def card_template() -> str:
+    """The text of the model card template shipped in the package (`selfy_hf/model_card_template.md`)."""
+    return TEMPLATE_PATH.read_text(encoding="utf-8")
+
+
 def write_model_card(
     output_dir: str | Path,
     model: nn.Module,
@@ -275,7 +283,8 @@ def write_model_card(
     )
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_path or TEMPLATE_PATH),
+        template_path=str(template_path) if template_path is not None else None,
+        template_str=None if template_path is not None else card_template(),
         model_name=model_name,
         repo_id=repo_id or str(output_dir),
         dataset_name=dataset_name,
@@ -627,7 +636,9 @@ def main(argv: list[str] | None = None) -> None:
 __all__ = [
     "CITATION",
     "TEMPLATE_PATH",
+    "TEMPLATE_RESOURCE",
     "build_eval_results",
+    "card_template",
     "check_remote_code",
     "describe_architecture",
     "main",
