@@ -71,7 +71,9 @@ def _forward_video(pair: int, spec: MotionDatasetSpec, bank, rng: np.random.Gene
     background = _random_patch(bank, size, rng) * 0.6
     rotating = pair == 3
     # A rotating object is a long bar: a disc or a textured square would hardly change when turned.
-    object_size = int(rng.integers(size // 2, size * 3 // 4) if rotating else rng.integers(size // 3, size // 2))
+    object_size = int(
+        rng.integers(size // 2, size * 3 // 4) if rotating else rng.integers(size // 3, size // 2)
+    )
     sprite = _random_patch(bank, object_size, rng)
     radius = object_size / 2
     yy, xx = torch.meshgrid(
