@@ -80,7 +80,7 @@ class ReproductionConfig:
     output_dir: str = "docs/results"
     runs_dir: str = "outputs/reproduce"
     backbone: str = "tiny"
-    epochs: int = 16
+    epochs: int = 12
     seed: int = 0
     quick: bool = False  # a CI-sized check of the whole pipeline: tiny data, one epoch, few steps
     only: list[str] | None = None  # experiment names to run (default: all)
