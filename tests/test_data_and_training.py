@@ -225,5 +225,6 @@ def test_command_line_options():
     config = parse_args(
         ["--epochs", "3", "--config-overrides", "selfy_temporal_offsets=[1]", "--gradient-checkpointing"]
     )
-    assert config.epochs == 3 and config.gradient_checkpointing
+    assert config.epochs == 3 and config.gradient_checkpointing and config.final_evaluation
+    assert not parse_args(["--no-final-evaluation"]).final_evaluation
     assert config.config_overrides == {"selfy_temporal_offsets": [1]}
