@@ -121,7 +121,12 @@ class SelfyConvNormAct(nn.Module):
         over the folded batch runs several times faster on CPU than the 5D one over tiny (L, U, V) volumes.
         """
         conv = self.conv
-        x = F.conv2d(x, conv.weight.squeeze(2), None, conv.stride[1:], conv.padding[1:])
+        weight = conv.weight.squeeze(2)
+        if weight.shape[-2:] == x.shape[-2:] and not any(conv.padding):
+            # A kernel covering the whole map is one matrix product, which BLAS runs ~1.7x faster than conv2d here
+            x = F.linear(x.flatten(1), weight.flatten(1))[..., None, None]
+        else:
+            x = F.conv2d(x, weight, None, conv.stride[1:], conv.padding[1:])
         x = self.bn(x.unsqueeze(2)).squeeze(2)
         return F.relu(x, inplace=True) if self.activation else x
 
