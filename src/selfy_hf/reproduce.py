@@ -183,7 +183,8 @@ def markdown_report(results: list[dict], config: ReproductionConfig, command: st
         f"Backbone family: `{config.backbone}`, "
         + ("quick mode (tiny data, one epoch: a pipeline check, not results)" if config.quick else "")
         + (f"{config.epochs} epochs per run" if not config.quick else "")
-        + f", seed {config.seed}; total wall time {seconds / 60:.1f} min.",
+        + f", seed {config.seed}; training took {sum(r['train_seconds'] for r in results) / 60:.1f} min in all "
+        f"(this report: {seconds / 60:.1f} min, finished runs are reused).",
         "",
         "Validation accuracy after the last epoch (8 classes: chance is 12.5% top-1). *Pair accuracy* asks only "
         "which of a class and its time reversal wins: 50% is chance, what an order-blind model gets. The paper's "
