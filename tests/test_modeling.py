@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoModelForVideoClassification
 from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel
 from selfy_hf.flops import count_complexity
 from selfy_hf.modeling_selfy import temporal_shift
+from selfy_hf.training import enable_activation_checkpointing
 
 TINY = {"num_labels": 5}
 
@@ -158,11 +159,25 @@ def test_several_selfy_blocks():
 def test_gradient_checkpointing_matches_a_plain_step_including_batchnorm_statistics():
     plain = tiny_model().train()
     checkpointed = copy.deepcopy(plain)
-    checkpointed.gradient_checkpointing_enable()
+    enable_activation_checkpointing(checkpointed)
     labels = torch.tensor([0, 3])
-    for model in (plain, checkpointed):
+    block_runs = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        block_runs[name] = 0
+        first_block = next(m for m in model.modules() if type(m).__name__ == "SelfyBasicBlock")
+        forward = first_block.forward
+
+        def counted(x, name=name, forward=forward):  # forward hooks do not fire in checkpoint recomputation
+            block_runs[name] += 1
+            return forward(x)
+
+        first_block.forward = counted
         torch.manual_seed(7)
         model(clip(), labels=labels).loss.backward()
+    assert block_runs == {
+        "plain": 1,
+        "checkpointed": 2,
+    }  # checkpointing is on: the block ran again in backward
     for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):

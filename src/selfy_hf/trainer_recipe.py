@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .data import VideoClassificationDataset, VideoSplit, collate_videos
 from .metrics import classification_metrics
 from .modeling_selfy import SelfyForVideoClassification
-from .training import TrainingConfig, build_optimizer_and_scheduler
+from .training import TrainingConfig, build_optimizer_and_scheduler, enable_activation_checkpointing
 from .video_processing_selfy import SelfyVideoProcessor
 
 
@@ -70,7 +70,7 @@ def make_trainer(
         ignore_mismatched_sizes=True,
     )
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     train_set = VideoClassificationDataset(train_split, processor, training=True, seed=config.seed)
     eval_set = VideoClassificationDataset(eval_split, processor, training=False) if eval_split else None
     options = {

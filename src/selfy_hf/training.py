@@ -71,6 +71,13 @@ class TrainingConfig:
     final_evaluation: bool = True
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every block (BatchNorm statistics are kept exact, see `modeling_selfy`). transformers 5.x renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable`; use whichever this version has."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """A shuffle that depends only on (seed, epoch): resumed runs replay exactly the order of the interrupted epoch."""
 
@@ -252,7 +259,7 @@ def train(config: TrainingConfig) -> dict:
 
         load_imagenet_backbone(model, config.imagenet_backbone)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     train_set = VideoClassificationDataset(train_split, processor, training=True, seed=config.seed)
     validation_set = VideoClassificationDataset(validation_split, processor, training=False)
     sampler = EpochShuffleSampler(len(train_set), config.seed)
@@ -488,6 +495,7 @@ __all__ = [
     "TrainingConfig",
     "build_optimizer_and_scheduler",
     "declared_label_pairs",
+    "enable_activation_checkpointing",
     "latest_checkpoint",
     "load_splits",
     "main",
