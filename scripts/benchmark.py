@@ -1,10 +1,12 @@
 """Speed of TSN / TSM / SELFYNet: inference and training clips/s under several execution variants, FLOPs, achieved
-GFLOP/s against this machine's matmul and conv peaks, SELFYNet/baseline wall-time ratios and the STSS op.
+GFLOP/s against this machine's matmul and conv peaks, SELFYNet/baseline wall-time ratios, the STSS op, and the data
+path (decode + sampling + preprocessing clips/s, beside the models' clips/s).
 
     python scripts/benchmark.py                       # R18 and R50, batch 1 and 4, 8x224x224, all default variants
     python scripts/benchmark.py --quick               # R18 only, fewer iterations
     python scripts/benchmark.py --models tsm-r18,selfynet-tsm-r18 --variants eager,amp --profile
     python scripts/benchmark.py --device cuda --amp-dtype float16 --json results.json
+    python scripts/benchmark.py --models selfynet-tsm-r18 --variants eager,train_eager --no-stss --no-peaks
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import sys
 import torch
 
 from selfy_hf.benchmarking import (
+    DATA_SOURCES,
     DEFAULT_MODELS,
     DEFAULT_STSS_CASES,
     DEFAULT_VARIANTS,
     MODEL_VARIANTS,
     QUICK_MODELS,
+    benchmark_data_path,
     benchmark_models,
     benchmark_stss,
+    format_data_benchmark,
     format_model_benchmark,
     format_stss_table,
     measure_peaks,
@@ -75,6 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-peaks", action="store_true", help="skip the matmul / conv peak measurement")
     parser.add_argument("--no-stss", action="store_true", help="skip the STSS op benchmark")
+    parser.add_argument(
+        "--data",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the data path: decode + TSN sampling + preprocessing clips/s (train and eval, num_workers 0) at "
+        "--image-size (default: on; --no-data skips it)",
+    )
+    parser.add_argument(
+        "--data-sources", type=_names, default=list(DATA_SOURCES), help=f"from {','.join(DATA_SOURCES)}"
+    )
+    parser.add_argument("--data-clips", type=int, help="clips timed per data row (default 16, --quick 4)")
     parser.add_argument(
         "--allocator",
         choices=["retain", "default"],
@@ -151,6 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("\nSTSS op (one SELFY block's correlation)\n")
         print(format_stss_table(stss_rows))
+    data_rows = []
+    if args.data:
+        data_rows = benchmark_data_path(
+            args.data_sources,
+            num_frames=rows[0].num_frames if rows else 8,
+            crop_size=args.image_size,
+            clips=args.data_clips or (4 if args.quick else 16),
+            warmup=min(warmup, 2),
+        )
+        print(
+            f"\nData path: decode + TSN sampling + preprocessing, clips/s in one process (num_workers 0, "
+            f"{torch.get_num_threads()} threads), beside each model's clips/s (train: `train_eager` step, eval: "
+            "`eager`, largest batch) and the data path's multiple of it\n"
+        )
+        print(format_data_benchmark(data_rows, rows))
     if args.profile and device.type == "cpu":
         print(_profile_tables(models, args.image_size, args.batch_sizes[0]))
     if args.json:
@@ -163,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [row.as_dict() for row in rows],
             "ratios": selfy_baseline_ratios(rows),
             "stss": stss_rows,
+            "data": data_rows,
         }
         with open(args.json, "w") as file:
             json.dump(report, file, indent=2)

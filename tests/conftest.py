@@ -1,8 +1,15 @@
 import os
+import tempfile
 
-import matplotlib
-import pytest
-import torch
+# Libraries read their cache locations and offline flags when first imported (datasets, huggingface_hub): point them
+# away from the user's home and the network before any test module imports them.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="selfy-tests-hf-home-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import matplotlib  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 matplotlib.use("Agg")
 

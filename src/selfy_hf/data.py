@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,26 +82,88 @@ def load_list_file(
 
 
 def load_hub_dataset(
-    name: str, split: str, video_column: str = "video", label_column: str = "label"
+    name: str,
+    split: str,
+    video_column: str = "video",
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
 ) -> VideoSplit:
     """
     A `datasets.load_dataset` dataset (Hub id or local path) with a video column (paths or bytes) and a label
     column. The `Video` feature is read with `decode=False` (decoding it needs torchcodec); our processor decodes.
+
+    Labels: a `ClassLabel` column gives the label names. `label_names` is for columns of plain ints (names of ids
+    0, 1, ...) or strings (each mapped to its position in `label_names`); given with a `ClassLabel` column, it
+    reorders the ids to its order by name (as `load_class_folder` does). Without it, string labels are numbered in
+    sorted order and int labels named "0", "1", .... A label that `label_names` does not hold is a `ValueError`.
+
+    Offline (`HF_HUB_OFFLINE=1`), `datasets` resolves a Hub id only from its own prepared cache (a previous
+    `load_dataset` of it); a dataset that only sits in the Hub cache (`hf download --repo-type dataset`,
+    `snapshot_download`) is then loaded from its cached snapshot folder.
     """
     import datasets
 
-    table = datasets.load_dataset(name, split=split)
+    table = _load_dataset_split(name, split)
     if video_column not in table.column_names or label_column not in table.column_names:
         raise ValueError(
             f"{name}: needs columns {video_column!r} and {label_column!r}, has {table.column_names}"
         )
     if isinstance(table.features[video_column], datasets.Video):
         table = table.cast_column(video_column, datasets.Video(decode=False))
-    label_feature = table.features[label_column]
-    names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
     videos = [v["bytes"] or v["path"] if isinstance(v, dict) else v for v in table[video_column]]
-    labels = [int(x) for x in table[label_column]]
-    return VideoSplit(videos, labels, names or [str(i) for i in range(max(labels) + 1)])
+    labels, names = _label_ids(table[label_column], table.features[label_column], label_names, name)
+    return VideoSplit(videos, labels, names)
+
+
+def _load_dataset_split(name: str, split: str):
+    """`datasets.load_dataset(name, split=split)`; when the Hub cannot be reached (offline mode included) and `name`
+    is a Hub id held in the Hub cache, the cached snapshot folder instead."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except ConnectionError as error:
+        if Path(name).exists() or name.count("/") != 1:
+            raise
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snapshot = snapshot_download(name, repo_type="dataset", local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise error from None
+        return datasets.load_dataset(snapshot, split=split)
+
+
+def _label_ids(
+    values: list, feature, label_names: Sequence[str] | None, name: str
+) -> tuple[list[int], list[str]]:
+    """Label ids and names from a label column (see `load_hub_dataset`)."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        if label_names is None:
+            return [int(v) for v in values], list(feature.names)
+        values = [feature.int2str(int(v)) for v in values]
+    if label_names is not None:
+        names = [str(label) for label in label_names]
+        position = {label: index for index, label in enumerate(names)}
+        if all(isinstance(v, str) for v in values):
+            unknown = sorted(set(values) - set(position))
+            ids = [position.get(v) for v in values]
+        else:
+            unknown = sorted({int(v) for v in values if not 0 <= int(v) < len(names)})
+            ids = [int(v) for v in values]
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
+            raise ValueError(f"{name}: labels {shown} are not among the given label_names {names}")
+        return ids, names
+    if values and all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        position = {label: index for index, label in enumerate(names)}
+        return [position[v] for v in values], names
+    ids = [int(v) for v in values]
+    return ids, [str(i) for i in range(max(ids, default=-1) + 1)]
 
 
 class VideoClassificationDataset(Dataset):

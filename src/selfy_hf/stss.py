@@ -113,9 +113,14 @@ def _cached(key: tuple, build: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matrix products run in: autocast's for float32 inputs when it is on, else x's own."""
+    """The dtype the matrix products run in: autocast's for float32 inputs when it is on, else x's own. Devices
+    without autocast (`meta`, which `count_complexity` runs on) have no autocast state to ask about."""
     device_type = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+    if (
+        x.dtype == torch.float32
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    ):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
