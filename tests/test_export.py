@@ -209,7 +209,7 @@ def test_unavailable_variants_are_reported_not_run():
     assert row.clips_per_second is None and "onnxruntime runs on CPU here" in format_model_benchmark([row])
     with pytest.raises(ValueError, match="Unknown variants"):
         benchmark_models(["tsn-tiny"], variants=["warp_speed"])
-    with pytest.raises(TypeError, match="sequence of preset names"):
+    with pytest.raises(TypeError, match="presets must be a sequence of names"):
         benchmark_models("tsn-tiny")
     assert set(MODEL_VARIANTS) >= {"eager", "compiled", "onnxruntime", "train_eager", "train_amp"}
 
@@ -286,5 +286,5 @@ def test_data_path_benchmark_rows_and_table():
         line for line in table.splitlines() if line.startswith("| motion |") and "| train |" in line
     )
     assert train_row.endswith(f"| 4.00 (data {rows[0]['clips_per_second'] / 4:.1f}x) |")
-    with pytest.raises(ValueError, match="Unknown data sources"):
+    with pytest.raises(ValueError, match="Unknown sources"):
         benchmark_data_path(["webcam"], clips=1)

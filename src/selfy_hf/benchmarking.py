@@ -658,6 +658,15 @@ def _round_robin_seconds(
     return times
 
 
+def _check_names(what: str, names: Sequence[str], known: Sequence[str] | None = None) -> None:
+    """A list of names (not one bare string), each among `known` when given."""
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a sequence of names, e.g. [{names!r}], not a string")
+    unknown = [name for name in names if known is not None and name not in known]
+    if unknown:
+        raise ValueError(f"Unknown {what} {unknown}; choose from {list(known)}")
+
+
 def benchmark_models(
     presets: Sequence[str],
     variants: Sequence[str] = DEFAULT_VARIANTS,
@@ -680,11 +689,8 @@ def benchmark_models(
     stay meaningful. Each variant runs on fresh copies of the models. A variant that cannot run here (ONNX Runtime
     on CUDA, a missing package, a failing `torch.compile`) gives rows whose `skipped` says why.
     """
-    if isinstance(presets, str):
-        raise TypeError(f"presets must be a sequence of preset names, e.g. [{presets!r}], not a string")
-    unknown = [name for name in variants if name not in MODEL_VARIANTS]
-    if unknown:
-        raise ValueError(f"Unknown variants {unknown}; choose from {sorted(MODEL_VARIANTS)}")
+    _check_names("presets", presets)
+    _check_names("variants", variants, sorted(MODEL_VARIANTS))
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     device = torch.device(device)
@@ -1017,14 +1023,8 @@ def benchmark_data_path(
     from .data import VideoClassificationDataset, collate_videos
     from .video_processing_selfy import SelfyVideoProcessor
 
-    if isinstance(sources, str):
-        raise TypeError(f"sources must be a sequence of source names, e.g. [{sources!r}], not a string")
-    unknown = [source for source in sources if source not in DATA_SOURCES]
-    if unknown:
-        raise ValueError(f"Unknown data sources {unknown}; choose from {DATA_SOURCES}")
-    unknown = [mode for mode in modes if mode not in DATA_MODES]
-    if unknown:
-        raise ValueError(f"Unknown modes {unknown}; choose from {DATA_MODES}")
+    _check_names("sources", sources, DATA_SOURCES)
+    _check_names("modes", modes, DATA_MODES)
     if clips < 1 or warmup < 0:
         raise ValueError(f"clips must be >= 1 and warmup >= 0, got clips={clips}, warmup={warmup}")
     resize = resize_shortest_edge or crop_size * 8 // 7
