@@ -61,7 +61,12 @@ def test_two_process_training_splits_the_data_and_counts_each_validation_video_o
     # drops the padding of the uneven last batches).
     assert len(validations) == 1
     assert validations[0]["num_samples"] == len(LABELS) * SPEC.validation_per_class
-    assert (output / "checkpoints" / "step-2").is_dir()
+    checkpoint = output / "checkpoints" / "step-2"
+    # Both processes' RNG states made it into the checkpoint before it was renamed into place (exact resume).
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
     assert not list((output / "checkpoints").glob("*.tmp"))
 
     model = SelfyForVideoClassification.from_pretrained(output)

@@ -194,6 +194,8 @@ def _atomic_save_state(accelerator, directory: Path, meta: dict, keep: int) -> N
     temporary = directory.with_name(directory.name + ".tmp")
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    # Every process writes its own RNG state into the folder: rename it only once all of them are done.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (temporary / "progress.json").write_text(json.dumps(meta))
         if directory.exists():
