@@ -442,7 +442,8 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path:
             label=key,
         )
     axes[2].set(title="validation", xlabel="step", ylim=(0, 1.02))
-    axes[2].legend()
+    if evaluations:
+        axes[2].legend()
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
