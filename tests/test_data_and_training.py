@@ -316,6 +316,24 @@ def test_official_recipe_scales_lr_and_steps_down():
     )
 
 
+def test_official_recipe_with_a_cosine_schedule_warms_up_and_decays():
+    model = SelfyForVideoClassification(SelfyConfig.from_preset("tsn-tiny", num_labels=3))
+    config = TrainingConfig(recipe="official", schedule="cosine", batch_size=16, epochs=10, warmup_epochs=2)
+    optimizer, scheduler = build_optimizer_and_scheduler(model, config, steps_per_epoch=10)
+    assert isinstance(optimizer, torch.optim.SGD)
+    rates = []
+    for _ in range(100):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    peak = 0.01 * 16 / 64
+    assert rates[0] == pytest.approx(peak / 20) and rates[19] == pytest.approx(peak)
+    assert rates[60] == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 40 / 80)))
+    assert all(a >= b for a, b in zip(rates[19:], rates[20:])) and rates[-1] < peak * 1e-3
+    with pytest.raises(ValueError, match="schedule must be"):
+        build_optimizer_and_scheduler(model, TrainingConfig(schedule="linear"), steps_per_epoch=10)
+
+
 def _config(motion, output_dir, **overrides) -> TrainingConfig:
     base = {
         "output_dir": str(output_dir),

@@ -36,7 +36,8 @@ DEFAULT_MOTION_DIR = Path("data/motion")
 class TrainingConfig:
     """Everything a run depends on; saved with every checkpoint. `recipe="official"` is the authors' SGD recipe
     (lr 0.01 per 64 clips, Nesterov momentum 0.9, weight decay 5e-4, steps at 30/40 of 50 epochs, clipping 20);
-    `recipe="scratch"` is AdamW with cosine decay, for small models trained from scratch on CPU."""
+    `recipe="scratch"` is AdamW with cosine decay, for small models trained from scratch on CPU. `schedule` swaps
+    the recipe's learning-rate schedule (e.g. the official SGD with warm-up and cosine decay)."""
 
     output_dir: str = "outputs/selfynet-tiny-motion"
     dataset: str | None = (
@@ -51,8 +52,11 @@ class TrainingConfig:
     batch_size: int = 16
     learning_rate: float | None = None  # None: the recipe's, scaled linearly with the global batch
     weight_decay: float | None = None
+    schedule: str | None = (
+        None  # "steps" (x0.1 at lr_steps) or "cosine" (warm-up, cosine); None: the recipe's
+    )
     lr_steps: tuple[int, ...] = (30, 40)
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # cosine schedule only
     max_grad_norm: float = 20.0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
@@ -118,22 +122,27 @@ def build_optimizer_and_scheduler(
         lr = config.learning_rate or 0.01 * global_batch / 64
         decay = 5e-4 if config.weight_decay is None else config.weight_decay
         optimizer = torch.optim.SGD(parameter_groups(model, decay), lr=lr, momentum=0.9, nesterov=True)
-        milestones = [step * steps_per_epoch for step in config.lr_steps]
-
-        def factor(step: int) -> float:
-            return 0.1 ** sum(step >= m for m in milestones)
     elif config.recipe == "scratch":
         lr = config.learning_rate or 2e-3 * global_batch / 16
         decay = 0.05 if config.weight_decay is None else config.weight_decay
         optimizer = torch.optim.AdamW(parameter_groups(model, decay), lr=lr)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     else:
         raise ValueError(f"recipe must be 'official' or 'scratch', got {config.recipe!r}")
+    schedule = config.schedule or ("steps" if config.recipe == "official" else "cosine")
+    milestones = [step * steps_per_epoch for step in config.lr_steps]
+
+    def steps(step: int) -> float:
+        return 0.1 ** sum(step >= m for m in milestones)
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    if schedule not in ("steps", "cosine"):
+        raise ValueError(f"schedule must be 'steps' or 'cosine', got {schedule!r}")
+    factor = steps if schedule == "steps" else cosine
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
