@@ -52,6 +52,13 @@ def test_temporal_shift_matches_a_loop(channels, shift_div):
     )
 
 
+def test_temporal_shift_keeps_channels_last_inputs_channels_last():
+    x = torch.randn(2 * 4, 24, 5, 6).contiguous(memory_format=torch.channels_last)
+    shifted = temporal_shift(x, 4, 8)
+    assert shifted.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(shifted, naive_temporal_shift(x, 4, 8), rtol=0, atol=0)
+
+
 def test_logits_shape_loss_and_hidden_states():
     model = tiny_model()
     labels = torch.tensor([0, 4])

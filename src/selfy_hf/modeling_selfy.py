@@ -24,13 +24,25 @@ def temporal_shift(x: torch.Tensor, num_frames: int, shift_div: int) -> torch.Te
     TSM's zero-padded shift of `(B*T, C, H, W)` features: the first `C // shift_div` channels of frame t take frame
     t+1's values, the next as many take frame t-1's, the rest stay (as the official `tsm(x, T, 'zero')`).
     """
-    _, channels, height, width = x.shape
+    batch_frames, channels, height, width = x.shape
     fold = channels // shift_div
-    clips = x.reshape(-1, num_frames, channels, height, width)
-    from_next = F.pad(clips[:, 1:, :fold], (0, 0, 0, 0, 0, 0, 0, 1))
-    from_previous = F.pad(clips[:, :-1, fold : 2 * fold], (0, 0, 0, 0, 0, 0, 1, 0))
-    shifted = torch.cat((from_next, from_previous, clips[:, :, 2 * fold :]), dim=2)
-    return shifted.reshape(x.shape)
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        clips = x.reshape(-1, num_frames, channels, height, width)
+        return _shift_channels(clips, fold, channel_dim=2).reshape(x.shape)
+    # Channels-last: shift in the (B, T, H, W, C) view that is contiguous in memory and hand back a channels-last
+    # tensor; the NCHW path would copy to and from the contiguous layout around every block (~4x slower).
+    clips = x.permute(0, 2, 3, 1).reshape(-1, num_frames, height, width, channels)
+    shifted = _shift_channels(clips, fold, channel_dim=4)
+    return shifted.reshape(batch_frames, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _shift_channels(clips: torch.Tensor, fold: int, channel_dim: int) -> torch.Tensor:
+    """Channels [0, fold) from frame t+1, [fold, 2 fold) from frame t-1, zeros beyond the clip; frames on dim 1."""
+    first, second, rest = clips.split([fold, fold, clips.shape[channel_dim] - 2 * fold], dim=channel_dim)
+    after = [0, 0] * (clips.dim() - 2)  # F.pad lists dims last first: frames (dim 1) come last
+    from_next = F.pad(first[:, 1:], after + [0, 1])
+    from_previous = F.pad(second[:, :-1], after + [1, 0])
+    return torch.cat((from_next, from_previous, rest), dim=channel_dim)
 
 
 def _zero_init_norm(num_features: int, norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
