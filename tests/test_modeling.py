@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForVideoClassification
 
 from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel
 from selfy_hf.flops import count_complexity
-from selfy_hf.modeling_selfy import temporal_shift
+from selfy_hf.modeling_selfy import StssExtractor, _StrideOneConv2d, temporal_shift
 from selfy_hf.training import enable_activation_checkpointing
 
 TINY = {"num_labels": 5}
@@ -133,6 +133,42 @@ def test_initialisation_follows_the_official_code():
     assert weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("window", [9, 5])
+def test_conv_extraction_is_the_official_conv3d_stack(training, window):
+    """The planar fast paths (BN folded into the convs at inference, channels-last BN rows in training) compute the
+    official stack: Conv3d (1, 3, 3) + BN3d + ReLU over each position's (L, U, V) volume. In float64, so that any
+    difference is in the formulation, not in the summation order of the CPU kernels."""
+    torch.manual_seed(0)
+    config = SelfyConfig.from_preset("selfynet-tsm-r18", selfy_window_size=window)
+    extractor = StssExtractor(config).double()
+    for layer in extractor.layers:  # running statistics and affine parameters far from the identity
+        layer.bn.running_mean.uniform_(-0.5, 0.5)
+        layer.bn.running_var.uniform_(0.5, 2.0)
+        layer.bn.weight.data.uniform_(0.5, 1.5)
+        layer.bn.bias.data.uniform_(-0.5, 0.5)
+    official = copy.deepcopy(extractor).train(training)
+    extractor.train(training)
+    offsets = len(config.selfy_temporal_offsets)
+    similarity = torch.randn(2, 3, 4, 5, offsets, window, window, dtype=torch.float64, requires_grad=True)
+
+    features = extractor(similarity)
+    volumes = similarity.reshape(-1, 1, offsets, window, window)
+    for layer in official.layers:
+        volumes = F.relu(layer.bn(layer.conv(volumes)))
+    expected = volumes.reshape(2, 3, 4, 5, -1, offsets).permute(0, 5, 4, 1, 2, 3).flatten(0, 1)
+
+    torch.testing.assert_close(features, expected)
+    if training:
+        weights = torch.randn_like(expected)
+        ours = torch.autograd.grad((features * weights).sum(), [similarity, *extractor.parameters()])
+        theirs = torch.autograd.grad((expected * weights).sum(), [similarity, *official.parameters()])
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(extractor.buffers(), official.buffers()):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("extraction", ["conv", "mlp", "soft_argmax"])
 @pytest.mark.parametrize("integration", ["conv", "mlp", "fc"])
 def test_every_extraction_and_integration_trains(extraction, integration):
@@ -196,6 +232,29 @@ def test_bf16_autocast_on_cpu_runs():
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         logits = model(clip()).logits
     assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stride_one_conv_backward_matches_autograd(padding, autocast):
+    """The hand-written backward of the first extraction conv gives PyTorch's gradients, also under bf16 autocast
+    (computed in bf16, returned in the parameters' fp32)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 9, 9, generator=generator, requires_grad=True)
+    weight = torch.randn(5, 3, 3, 3, generator=generator, requires_grad=True)
+    upstream = torch.randn(6, 5, 9 - 2 + 2 * padding, 9 - 2 + 2 * padding, generator=generator)
+    results = []
+    for function in (
+        lambda: _StrideOneConv2d.apply(x, weight, padding),
+        lambda: F.conv2d(x, weight, None, 1, padding),
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = function()
+        results.append((out, *torch.autograd.grad(out, [x, weight], upstream.to(out.dtype))))
+    tolerance = {"rtol": 2e-2, "atol": 5e-2} if autocast else {}
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, **tolerance)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
