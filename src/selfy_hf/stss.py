@@ -132,11 +132,10 @@ def _all_pairs_layout(
     frames: int, height: int, width: int, temporal_offsets: tuple[int, ...], window: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    `(query_frames, key_frames, index, backward_index)`. Product k multiplies frame `query_frames[k]` with
-    `key_frames[k]` over H*W + 1 positions (the last one a zero vector); `index` `(1, T*H*W*L*U*V)` picks every
-    similarity out of the flattened products: element (query, neighbour) for a forward offset, (neighbour, query) of
-    the pair's transpose for a backward one, and a zero element for neighbours outside the clip or the map.
-    `backward_index` is `index` moved past the end of the products for backward offsets (see `_GatherProducts`).
+    `(query_frames, key_frames, index)`. Product k multiplies frame `query_frames[k]` with `key_frames[k]` over
+    H*W + 1 positions (the last one a zero vector); `index` `(1, T*H*W*L*U*V)` picks every similarity out of the
+    flattened products: element (query, neighbour) for a forward offset, (neighbour, query) of the pair's transpose
+    for a backward one, and a zero element for neighbours outside the clip or the map.
     """
     distances = sorted({abs(offset) for offset in temporal_offsets if abs(offset) < frames}) or [0]
     first_pair = dict(zip(distances, [sum(frames - d for d in distances[:i]) for i in range(len(distances))]))
@@ -162,40 +161,13 @@ def _all_pairs_layout(
     element = torch.where(offset >= 0, query * side + neighbour, neighbour * side + query)
     in_clip = (other_frame >= 0) & (other_frame < frames)
     index = torch.where(in_clip, pair * side * side + element, side * side - 1)  # pair 0, (zero, zero): 0
-    backward_index = index + (offset < 0) * (len(query_frames) * side * side)
-    return query_frames, key_frames, index.reshape(1, -1), backward_index.reshape(1, -1)
-
-
-class _GatherProducts(torch.autograd.Function):
-    """
-    `products.gather(1, index)` with a faster backward. A product (t, t + d) is read twice, by offset +d and, as
-    its transpose, by -d; within each sign of offset every real similarity has its own element. So the backward
-    writes the gradient (`scatter_`, ~3x faster on CPU than the accumulating `scatter_add_`) into two halves of a
-    buffer, forward and backward offsets, and adds them. Several neighbours outside the clip or the map share an
-    element, but one that multiplies the zero position: its gradient only reaches the padding, so which write wins
-    does not matter.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, products: torch.Tensor, index: torch.Tensor, backward_index: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.save_for_backward(backward_index)
-        ctx.products_size = products.shape[1]
-        return products.gather(1, index.expand(products.shape[0], -1))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (backward_index,) = ctx.saved_tensors
-        halves = grad.new_zeros(grad.shape[0], 2 * ctx.products_size)
-        halves.scatter_(1, backward_index.expand(grad.shape[0], -1), grad)
-        return halves[:, : ctx.products_size] + halves[:, ctx.products_size :], None, None
+    return query_frames, key_frames, index.reshape(1, -1)
 
 
 def _stss_all_pairs(x: torch.Tensor, temporal_offsets: Sequence[int], window: int) -> torch.Tensor:
     batch, frames, channels, height, width = x.shape
     offsets = tuple(temporal_offsets)
-    query_frames, key_frames, index, backward_index = _cached(
+    query_frames, key_frames, index = _cached(
         ("all_pairs", frames, height, width, offsets, window, x.device),
         lambda: _all_pairs_layout(frames, height, width, offsets, window, x.device),
     )
@@ -203,11 +175,7 @@ def _stss_all_pairs(x: torch.Tensor, temporal_offsets: Sequence[int], window: in
     products = torch.matmul(
         flat.index_select(1, query_frames).transpose(2, 3), flat.index_select(1, key_frames)
     )
-    products = products.reshape(batch, -1)
-    if torch.is_grad_enabled() and products.requires_grad:
-        out = _GatherProducts.apply(products, index, backward_index)
-    else:
-        out = products.gather(1, index.expand(batch, -1))
+    out = products.reshape(batch, -1).gather(1, index.expand(batch, -1))
     return out.view(batch, frames, height, width, len(offsets), window, window)
 
 
