@@ -142,18 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         f"allocator {'retaining freed memory' if retained else 'default'}\n"
     )
     peaks = None if args.no_peaks else measure_peaks(device, amp_dtype)
-    stss_rows = []
-    if not args.no_stss:
-        # Before the models: measured after them, in the large heap they leave behind, our op ran ~20% slower and the
-        # einsum path ~1% (2026-11-25, 2 CPU cores), which says more about the allocator than about either op.
-        stss_rows = benchmark_stss(
-            cases=DEFAULT_STSS_CASES[:1] if args.quick else DEFAULT_STSS_CASES,
-            device=str(device),
-            repeats=iters,
-            warmup=warmup,
-            num_threads=args.threads,
-            measure_memory=not args.quick,
-        )
     rows = benchmark_models(
         models,
         variants=args.variants,
@@ -167,7 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     amp_name = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
     print(format_model_benchmark(rows, peaks, amp_name=amp_name))
-    if stss_rows:
+    stss_rows = []
+    if not args.no_stss:
+        stss_rows = benchmark_stss(
+            cases=DEFAULT_STSS_CASES[:1] if args.quick else DEFAULT_STSS_CASES,
+            device=str(device),
+            repeats=iters,
+            warmup=warmup,
+            num_threads=args.threads,
+            measure_memory=not args.quick,
+        )
         print("\nSTSS op (one SELFY block's correlation)\n")
         print(format_stss_table(stss_rows))
     data_rows = []
