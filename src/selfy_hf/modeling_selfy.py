@@ -155,7 +155,7 @@ class SelfyConvNormAct(nn.Module):
         return self._normalize_planar(x)
 
     def _normalize_planar(self, x: torch.Tensor) -> torch.Tensor:
-        """BN (and ReLU) over `(N, C, U, V)` maps. CPU batch norm over NCHW maps of a few values runs 4-7x slower than
+        """BN (and ReLU) over `(N, C, U, V)` maps. CPU batch norm over NCHW maps of a few values runs 6-7x slower than
         over rows of channels, so channels-last maps are normalised as their `(N*U*V, C)` rows."""
         if x.is_contiguous():
             return self._normalize_activate(x.unsqueeze(2)).squeeze(2)
