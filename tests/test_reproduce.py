@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -22,6 +23,7 @@ def test_quick_reproduction_writes_tables_plots_and_reuses_finished_runs(tmp_pat
     report = (tmp_path / "results" / "results.md").read_text()
     assert "`python scripts/reproduce.py --quick`" in report and "| SELFYNet {-2..2} |" in report
     assert "| 48.4 |" in report  # the paper's number stands beside ours
+    assert re.search(r"^Code: (commit [0-9a-f]{7,}(\+changes)?|unknown) ", report, re.MULTILINE)
     for name in ("learning_curves.png", "robustness.png", "stss_moving_right.png"):
         assert (tmp_path / "results" / name).stat().st_size > 1000
     assert (

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,23 @@ def run_experiment(experiment: Experiment, config: ReproductionConfig, dataset: 
     return summary
 
 
+def _code_version() -> str:
+    """The commit of the checkout this package runs from, `+changes` if it has uncommitted ones; `unknown` outside
+    a git checkout. Finished runs are reused, so a report can hold runs from earlier commits: start afresh
+    (`--output-dir`) to have every run at this one."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(source), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+
+    try:
+        dirty = "+changes" if git("status", "--porcelain", "--", ".") else ""
+        return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):  # /proc/cpuinfo names the CPU on Linux
@@ -180,6 +198,7 @@ def markdown_report(results: list[dict], config: ReproductionConfig, command: st
         "",
         f"Command: `{command}`  ",
         f"Machine: {_machine()}  ",
+        f"Code: {_code_version()} (the report's; reused runs keep the results of the code that trained them)  ",
         f"Backbone family: `{config.backbone}`, "
         + ("quick mode (tiny data, one epoch: a pipeline check, not results)" if config.quick else "")
         + (f"{config.epochs} epochs per run" if not config.quick else "")
