@@ -3,6 +3,7 @@ benchmark functions and scripts in a tiny configuration (no timing assertions)."
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -159,6 +160,29 @@ def test_compiled_model_matches_eager():
         expected = model(pixel_values).logits
         actual = compiled(pixel_values).logits
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler"
+)
+def test_compiled_training_step_matches_eager():
+    """`torch.compile` (e.g. `Trainer(torch_compile=True)`) traces the SELFY block's training path, hand-written
+    backwards included, and gives eager's loss and gradients."""
+    model = _model("selfynet-tiny").train()
+    model.selfy.selfy_blocks["layer2"].integrator.project.bn.weight.data.fill_(
+        1.0
+    )  # the block's output counts
+    model.dropout.p = 0.0  # compiled code draws other dropout masks
+    twin = copy.deepcopy(model)
+    pixel_values, labels = torch.randn(2, 8, 3, 32, 32), torch.tensor([1, 3])
+    torch.manual_seed(0)
+    model(pixel_values, labels=labels).loss.backward()
+    torch.manual_seed(0)
+    torch.compile(twin, dynamic=False)(pixel_values, labels=labels).loss.backward()
+    for (name, expected), actual in zip(model.named_parameters(), twin.parameters()):
+        error = (actual.grad - expected.grad).abs().max() / expected.grad.abs().max().clamp_min(1e-12)
+        assert error < 1e-3, f"{name}: relative error {error:.1e}"  # fused kernels sum in another order
 
 
 def test_baseline_preset_pairs_selfynets_with_their_backbone():

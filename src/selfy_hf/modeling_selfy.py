@@ -130,8 +130,7 @@ class SelfyConvNormAct(nn.Module):
     def forward_planar(self, x: torch.Tensor) -> torch.Tensor:
         """
         Apply a (1, k, k) Conv3d to `(N*L, C, U, V)` as the equivalent Conv2d: the kernel never mixes L, and a 2D conv
-        over the folded batch runs several times faster on CPU than the 5D one over tiny (L, U, V) volumes. `x` may be
-        contiguous or channels-last; the result keeps its layout.
+        over the folded batch runs several times faster on CPU than the 5D one over tiny (L, U, V) volumes.
         """
         conv = self.conv
         weight, bias = conv.weight.squeeze(2), None
@@ -143,8 +142,6 @@ class SelfyConvNormAct(nn.Module):
             weight, bias = weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
         if weight.shape[-2:] == x.shape[-2:] and not any(conv.padding):
             # A kernel covering the whole map is one matrix product, which BLAS runs ~1.7x faster than conv2d here
-            if not x.is_contiguous():  # channels-last: flatten in (U, V, C) order, as the memory lies
-                x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
             x = F.linear(x.flatten(1), weight.flatten(1), bias)[..., None, None]
         elif conv.stride[1:] == (1, 1) and bias is None:
             x = _StrideOneConv2d.apply(x, weight, conv.padding[1])
@@ -155,20 +152,10 @@ class SelfyConvNormAct(nn.Module):
         return self._normalize_planar(x)
 
     def _normalize_planar(self, x: torch.Tensor) -> torch.Tensor:
-        """BN (and ReLU) over `(N, C, U, V)` maps. CPU batch norm over NCHW maps of a few values runs 6-7x slower than
-        over rows of channels, so channels-last maps are normalised as their `(N*U*V, C)` rows."""
-        if x.is_contiguous():
-            return self._normalize_activate(x.unsqueeze(2)).squeeze(2)
-        batch, channels, height, width = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(-1, channels, 1, 1, 1)
-        return self._normalize_activate(rows).view(batch, height, width, channels).permute(0, 3, 1, 2)
-
-    def _normalize_activate(self, x: torch.Tensor) -> torch.Tensor:
-        # The in-place ReLU acts on the BN's own output, not on a view of it: on a view, autograd would copy the
-        # whole tensor back into its base in backward, and pair gradients and outputs of different layouts (~10x
-        # slower ReLU backward).
-        x = self.bn(x)
-        return F.relu(x, inplace=True) if self.activation else x
+        # BN3d over the 5D view, then the in-place ReLU on the BN's own output, not on a 4D view of it: on a view,
+        # autograd copies the whole tensor back into its base in backward.
+        x = self.bn(x.unsqueeze(2))
+        return (F.relu(x, inplace=True) if self.activation else x).squeeze(2)
 
 
 def _conv1x3x3(
@@ -266,20 +253,6 @@ class _StrideOneConv2d(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-class _ChannelsLast(torch.autograd.Function):
-    """`x.contiguous(memory_format=torch.channels_last)` whose backward hands a contiguous gradient to the layers
-    before, which run contiguous: CPU kernels given a gradient and an input of different layouts run several times
-    slower (10x for the first extraction conv's backward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
 class StssExtractor(nn.Module):
     """
     Feature extraction (paper 3.2.1): turns each (U, V) similarity map into C_F features, per offset l, giving
@@ -313,13 +286,8 @@ class StssExtractor(nn.Module):
         batch, frames, height, width, offsets = similarity.shape[:5]
         maps = similarity.reshape(-1, 1, self.window, self.window)
         if self.method == "conv":
-            for index, layer in enumerate(self.layers):
+            for layer in self.layers:
                 maps = layer.forward_planar(maps)
-                if index == 0 and self.training:
-                    # Training: the later layers run channels-last, where the CPU computes their BN statistics and
-                    # conv gradients faster (the extraction's training step: 1.45x faster); the first layer's 1-channel
-                    # input gains nothing from it. Inference folds the BNs away and is fastest contiguous.
-                    maps = _ChannelsLast.apply(maps)
             features = maps.flatten(1)
         elif self.method == "mlp":
             features = maps.flatten(1)
