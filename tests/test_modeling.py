@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForVideoClassification
 
-from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel
+from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy
 from selfy_hf.flops import count_complexity
 from selfy_hf.modeling_selfy import StssExtractor, _StrideOneConv2d, temporal_shift
 from selfy_hf.training import enable_activation_checkpointing
@@ -167,6 +167,62 @@ def test_conv_extraction_is_the_official_conv3d_stack(training, window):
             torch.testing.assert_close(a, b)
         for a, b in zip(extractor.buffers(), official.buffers()):
             torch.testing.assert_close(a, b)
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> None:
+    """Running statistics and affine parameters far from the identity, so that folding them is put to the test."""
+    generator = torch.Generator().manual_seed(0)
+    for norm in model.modules():
+        if isinstance(norm, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            for tensor, low, high in [
+                (norm.running_mean, -0.5, 0.5),
+                (norm.running_var, 0.5, 2.0),
+                (norm.weight.data, 0.5, 1.5),
+                (norm.bias.data, -0.5, 0.5),
+            ]:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+
+
+@pytest.mark.parametrize(
+    "size", [112, 100]
+)  # SELFY block maps of 14x14 and 13x13 (odd: 7x7 after its stride 2)
+def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
+    """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the extraction through oneDNN's fused
+    ops in its blocked layout and adds the upsampling projection to the input in place. The logits must be those of
+    the official ops, computed in float64 with autograd on (which turns every inference-only path off)."""
+    calls = {"onednn": 0, "projection": 0}
+    for cls, name, key in [
+        (modeling_selfy.SelfyConvNormAct, "forward_planar_onednn", "onednn"),
+        (modeling_selfy.StssIntegrator, "_add_upsampled_projection", "projection"),
+    ]:
+        original = getattr(cls, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+    torch.manual_seed(0)
+    model = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tsm-r18", num_labels=5)).eval()
+    _randomise_batch_norms(model)
+    pixel_values = clip(size=size)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    assert calls["projection"] == 1
+    assert calls["onednn"] == (4 if torch.backends.mkldnn.is_available() else 0)
+    reference = copy.deepcopy(model).double()
+    expected = reference(pixel_values.double()).logits
+    assert calls["projection"] == 1, "autograd on must turn the inference-only paths off"
+    torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_flops_of_a_cpu_model_count_the_official_ops():
+    """The inference-only paths stay out of `FlopCounterMode`, which would not count oneDNN's fused ops."""
+    config = SelfyConfig.from_preset("selfynet-tsm-r18", num_labels=5)
+    on_cpu = count_complexity(SelfyForVideoClassification(config), image_size=112)
+    with torch.device("meta"):
+        on_meta = count_complexity(SelfyForVideoClassification(config), image_size=112)
+    assert on_cpu.gmacs == on_meta.gmacs
 
 
 @pytest.mark.parametrize("extraction", ["conv", "mlp", "soft_argmax"])

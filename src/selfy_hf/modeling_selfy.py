@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -124,8 +125,38 @@ class SelfyConvNormAct(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, **conv_kwargs) -> torch.Tensor:
+        if (
+            not conv_kwargs
+            and not isinstance(self.conv, nn.ConvTranspose3d)
+            and self.folds_norm()
+            and _onednn_inference(x)
+        ):
+            weight, bias = self._folded(self.conv.weight)
+            return self._onednn(x, weight, bias, self.conv.stride, self.conv.padding)
         x = self.bn(self.conv(x, **conv_kwargs))
         return F.relu(x, inplace=True) if self.activation else x
+
+    def folds_norm(self) -> bool:
+        """Inference: the BN is a per-channel affine map, folded into the conv (exact up to rounding)."""
+        return not self.bn.training and self.bn.running_var is not None and self.conv.bias is None
+
+    def _folded(self, weight: torch.Tensor, channel_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`weight` (output channels on `channel_dim`) and a bias that give conv + BN as one conv."""
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        scale_shape = [1] * weight.dim()
+        scale_shape[channel_dim] = -1
+        return weight * scale.view(scale_shape), self.bn.bias - self.bn.running_mean * scale
+
+    def _onednn(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: tuple, padding: tuple
+    ) -> torch.Tensor:
+        # oneDNN's conv + bias + ReLU in one primitive (what inductor lowers to): the BN and ReLU cost no extra
+        # pass over the output. `x` may be a oneDNN (`to_mkldnn`) tensor; the output then is one too.
+        activation = "relu" if self.activation else "none"
+        dilation = (1,) * len(stride)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, padding, stride, dilation, 1, activation, [], ""
+        )
 
     def forward_planar(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -134,13 +165,11 @@ class SelfyConvNormAct(nn.Module):
         """
         conv = self.conv
         weight, bias = conv.weight.squeeze(2), None
-        fold_norm = not self.bn.training and self.bn.running_var is not None
+        fold_norm = self.folds_norm()
         if fold_norm:
-            # Inference: the BN is a per-channel affine map, folded into the conv so that no pass over the
-            # (N*L, C, U, V) maps is spent on it (they are 10-20x the backbone's activations in number).
-            scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-            weight, bias = weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
-        if weight.shape[-2:] == x.shape[-2:] and not any(conv.padding):
+            # No pass over the (N*L, C, U, V) maps (10-20x the backbone's activations in number) is spent on the BN.
+            weight, bias = self._folded(weight)
+        if self._covers_map(x):
             # A kernel covering the whole map is one matrix product, which BLAS runs ~1.7x faster than conv2d here
             x = F.linear(x.flatten(1), weight.flatten(1), bias)[..., None, None]
         elif conv.stride[1:] == (1, 1) and bias is None:
@@ -151,11 +180,51 @@ class SelfyConvNormAct(nn.Module):
             return F.relu(x, inplace=True) if self.activation else x
         return self._normalize_planar(x)
 
+    def forward_planar_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward_planar` for eval-mode fp32 CPU inference through oneDNN; `x` dense or a oneDNN tensor."""
+        weight, bias = self._folded(self.conv.weight.squeeze(2))
+        if not self._covers_map(x):
+            return self._onednn(x, weight, bias, self.conv.stride[1:], self.conv.padding[1:])
+        # oneDNN's matrix product runs ~2.5x faster than the BLAS one behind `F.linear` on this AMD CPU.
+        x = x.to_dense() if x.is_mkldnn else x
+        activation = "relu" if self.activation else "none"
+        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), weight.flatten(1), bias, activation, [], "")
+        return out[..., None, None]
+
+    def _covers_map(self, x: torch.Tensor) -> bool:
+        return self.conv.weight.shape[-2:] == x.shape[-2:] and not any(self.conv.padding)
+
     def _normalize_planar(self, x: torch.Tensor) -> torch.Tensor:
         # BN3d over the 5D view, then the in-place ReLU on the BN's own output, not on a 4D view of it: on a view,
         # autograd copies the whole tensor back into its base in backward.
         x = self.bn(x.unsqueeze(2))
         return (F.relu(x, inplace=True) if self.activation else x).squeeze(2)
+
+
+def _eager_inference(x: torch.Tensor) -> bool:
+    """Whether an inference-only formulation may run: not with autograd on (no backward is written for them), not
+    while tracing, compiling or exporting (ONNX and graphs get the official ops) and not under a dispatch mode such as
+    `FlopCounterMode` (which counts the official ops)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return (
+        not torch.is_grad_enabled()
+        and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting)
+        and not torch.onnx.is_in_onnx_export()
+        and _current_dispatch_mode() is None
+        and x.device.type != "meta"
+    )
+
+
+def _onednn_inference(x: torch.Tensor) -> bool:
+    """Whether eager inference may call oneDNN's fused CPU ops: fp32 and not under autocast (whose dtype they
+    would ignore)."""
+    return (
+        _eager_inference(x)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def _conv1x3x3(
@@ -286,9 +355,7 @@ class StssExtractor(nn.Module):
         batch, frames, height, width, offsets = similarity.shape[:5]
         maps = similarity.reshape(-1, 1, self.window, self.window)
         if self.method == "conv":
-            for layer in self.layers:
-                maps = layer.forward_planar(maps)
-            features = maps.flatten(1)
+            features = self._conv_features(maps).flatten(1)
         elif self.method == "mlp":
             features = maps.flatten(1)
             for layer in self.layers:
@@ -297,6 +364,18 @@ class StssExtractor(nn.Module):
             features = self._soft_argmax(maps.flatten(1))
         features = features.reshape(batch, frames, height, width, offsets, -1)
         return features.permute(0, 4, 5, 1, 2, 3).reshape(batch * offsets, -1, frames, height, width)
+
+    def _conv_features(self, maps: torch.Tensor) -> torch.Tensor:
+        if all(layer.folds_norm() for layer in self.layers) and _onednn_inference(maps):
+            # oneDNN computes in its channel-blocked layout; keeping the maps in it between the layers saves the
+            # reorders to and from NCHW that would otherwise cost as much as the tiny convs themselves.
+            maps = maps.to_mkldnn()
+            for layer in self.layers:
+                maps = layer.forward_planar_onednn(maps)
+            return maps.to_dense() if maps.is_mkldnn else maps
+        for layer in self.layers:
+            maps = layer.forward_planar(maps)
+        return maps
 
     def _soft_argmax(self, scores: torch.Tensor) -> torch.Tensor:
         radius = self.window // 2
@@ -339,18 +418,34 @@ class StssIntegrator(nn.Module):
             project = nn.Conv3d(channels[3], out_channels, 1, bias=False)
         self.project = SelfyConvNormAct(project, out_channels, activation=False, zero_init=True)
 
-    def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`(B*L, C_F, T, X, Y)` features and the block's `(B*T, C, H, W)` input in, ReLU(input + projection) out."""
         for layer in self.layers:
             features = layer(features)
         offsets_channels, frames, height, width = features.shape[1:]
         features = features.reshape(-1, self.num_offsets * offsets_channels, frames, height, width)
         features = self.fuse(features)
+        if self.upsample and self.project.folds_norm() and _eager_inference(features):
+            return self._add_upsampled_projection(features, residual)
         if self.upsample:
             # Official output_padding=1 doubles even sizes; output_size also restores odd ones.
-            out = self.project(features, output_size=(frames, *output_size))
+            out = self.project(features, output_size=(frames, *residual.shape[-2:]))
         else:
             out = self.project(features)
-        return out.transpose(1, 2).reshape(-1, out.shape[1], *out.shape[3:])
+        return F.relu(residual + out.transpose(1, 2).reshape(residual.shape))
+
+    def _add_upsampled_projection(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # Inference: the strided 1x1x1 transposed conv (BN folded in) writes only the even positions of its output
+        # and the BN shift elsewhere, so add it to the input there directly: no full-size upsampled tensor, BN pass
+        # or transpose to the frames-first layout.
+        batch, channels, frames = features.shape[:3]
+        weight, shift = self.project._folded(self.project.conv.weight.flatten(1), channel_dim=1)
+        frames_first = features.transpose(1, 2).reshape(batch, frames, channels, -1)
+        projected = torch.matmul(weight.t().to(features.dtype), frames_first)
+        out = residual + shift[:, None, None].to(residual.dtype)
+        even = out.view(batch, frames, *out.shape[1:])[..., ::2, ::2]
+        even += projected.view(even.shape)
+        return out.relu_()
 
 
 class SelfyBlock(nn.Module):
@@ -364,7 +459,7 @@ class SelfyBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.extractor(self.transform(x))
-        return F.relu(x + self.integrator(features, output_size=x.shape[-2:]))
+        return self.integrator(features, residual=x)
 
 
 @contextlib.contextmanager
