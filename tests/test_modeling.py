@@ -183,13 +183,7 @@ def _randomise_batch_norms(model: torch.nn.Module) -> None:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
 
 
-@pytest.mark.parametrize(
-    "size", [112, 100]
-)  # SELFY block maps of 14x14 and 13x13 (odd: 7x7 after its stride 2)
-def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
-    """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the extraction through oneDNN's fused
-    ops in its blocked layout and adds the upsampling projection to the input in place. The logits must be those of
-    the official ops, computed in float64 with autograd on (which turns every inference-only path off)."""
+def _count_inference_fast_paths(monkeypatch) -> dict[str, int]:
     calls = {"onednn": 0, "projection": 0}
     for cls, name, key in [
         (modeling_selfy.SelfyConvNormAct, "forward_planar_onednn", "onednn"),
@@ -202,18 +196,49 @@ def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def _r18_with_random_statistics() -> SelfyForVideoClassification:
     torch.manual_seed(0)
     model = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tsm-r18", num_labels=5)).eval()
     _randomise_batch_norms(model)
+    return model
+
+
+# SELFY block maps of 14x14 and 13x13 (odd: 7x7 after its stride 2)
+@pytest.mark.parametrize("size", [112, 100])
+def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
+    """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the extraction through oneDNN's fused
+    ops in its blocked layout and adds the upsampling projection to the input in place. The logits must be those of
+    the official ops, computed in float64 with autograd on (which turns every inference-only path off)."""
+    calls = _count_inference_fast_paths(monkeypatch)
+    model = _r18_with_random_statistics()
     pixel_values = clip(size=size)
     with torch.no_grad():
         logits = model(pixel_values).logits
-    assert calls["projection"] == 1
-    assert calls["onednn"] == (4 if torch.backends.mkldnn.is_available() else 0)
-    reference = copy.deepcopy(model).double()
-    expected = reference(pixel_values.double()).logits
+    assert calls == {"onednn": 4 if torch.backends.mkldnn.is_available() else 0, "projection": 1}
+    expected = copy.deepcopy(model).double()(pixel_values.double()).logits
     assert calls["projection"] == 1, "autograd on must turn the inference-only paths off"
     torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="needs oneDNN with bf16",
+)
+def test_bf16_autocast_inference_runs_the_fused_ops_in_bf16(monkeypatch):
+    calls = _count_inference_fast_paths(monkeypatch)
+    model = _r18_with_random_statistics()
+    pixel_values = clip(size=112)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            logits = model(pixel_values).logits
+        assert calls["onednn"] == 4
+        expected = model(pixel_values).logits  # autograd on: autocast's own convs and BNs
+    assert calls["onednn"] == 4
+    assert logits.dtype == expected.dtype
+    torch.testing.assert_close(logits.float(), expected.detach().float(), rtol=5e-2, atol=5e-2)
 
 
 def test_flops_of_a_cpu_model_count_the_official_ops():

@@ -129,10 +129,10 @@ class SelfyConvNormAct(nn.Module):
             not conv_kwargs
             and not isinstance(self.conv, nn.ConvTranspose3d)
             and self.folds_norm()
-            and _onednn_inference(x)
+            and (dtype := _onednn_dtype(x)) is not None
         ):
             weight, bias = self._folded(self.conv.weight)
-            return self._onednn(x, weight, bias, self.conv.stride, self.conv.padding)
+            return self._onednn(x.to(dtype), weight, bias, self.conv.stride, self.conv.padding)
         x = self.bn(self.conv(x, **conv_kwargs))
         return F.relu(x, inplace=True) if self.activation else x
 
@@ -151,11 +151,12 @@ class SelfyConvNormAct(nn.Module):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: tuple, padding: tuple
     ) -> torch.Tensor:
         # oneDNN's conv + bias + ReLU in one primitive (what inductor lowers to): the BN and ReLU cost no extra
-        # pass over the output. `x` may be a oneDNN (`to_mkldnn`) tensor; the output then is one too.
+        # pass over the output. `x` may be a oneDNN (`to_mkldnn`) tensor; the output then is one too. The weights
+        # take the dtype of `x`: fp32, or bf16 under autocast.
         activation = "relu" if self.activation else "none"
         dilation = (1,) * len(stride)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, padding, stride, dilation, 1, activation, [], ""
+            x, weight.to(x.dtype), bias.to(x.dtype), padding, stride, dilation, 1, activation, [], ""
         )
 
     def forward_planar(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,8 @@ class SelfyConvNormAct(nn.Module):
         # oneDNN's matrix product runs ~2.5x faster than the BLAS one behind `F.linear` on this AMD CPU.
         x = x.to_dense() if x.is_mkldnn else x
         activation = "relu" if self.activation else "none"
-        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), weight.flatten(1), bias, activation, [], "")
+        weight, bias = weight.flatten(1).to(x.dtype), bias.to(x.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), weight, bias, activation, [], "")
         return out[..., None, None]
 
     def _covers_map(self, x: torch.Tensor) -> bool:
@@ -215,16 +217,16 @@ def _eager_inference(x: torch.Tensor) -> bool:
     )
 
 
-def _onednn_inference(x: torch.Tensor) -> bool:
-    """Whether eager inference may call oneDNN's fused CPU ops: fp32 and not under autocast (whose dtype they
-    would ignore)."""
-    return (
-        _eager_inference(x)
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and not torch.is_autocast_enabled("cpu")
-    )
+def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which eager CPU inference may call oneDNN's fused ops: fp32, or bf16 under bf16 autocast (as
+    autocast would run the convs); None where they may not run."""
+    if not (_eager_inference(x) and x.device.type == "cpu" and torch.backends.mkldnn.is_available()):
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32 if x.dtype == torch.float32 else None
+    dtype = torch.get_autocast_dtype("cpu")
+    bf16_ok = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype if bf16_ok and x.dtype in (torch.float32, dtype) else None
 
 
 def _conv1x3x3(
@@ -366,10 +368,10 @@ class StssExtractor(nn.Module):
         return features.permute(0, 4, 5, 1, 2, 3).reshape(batch * offsets, -1, frames, height, width)
 
     def _conv_features(self, maps: torch.Tensor) -> torch.Tensor:
-        if all(layer.folds_norm() for layer in self.layers) and _onednn_inference(maps):
+        if all(layer.folds_norm() for layer in self.layers) and (dtype := _onednn_dtype(maps)) is not None:
             # oneDNN computes in its channel-blocked layout; keeping the maps in it between the layers saves the
             # reorders to and from NCHW that would otherwise cost as much as the tiny convs themselves.
-            maps = maps.to_mkldnn()
+            maps = maps.to(dtype).to_mkldnn()
             for layer in self.layers:
                 maps = layer.forward_planar_onednn(maps)
             return maps.to_dense() if maps.is_mkldnn else maps
