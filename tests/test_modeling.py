@@ -332,6 +332,25 @@ def test_fp32_training_gradients_match_float64():
         assert error < 1e-3, f"{name}: relative error {error:.1e}"
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_rows_batch_norm_is_pytorch_batch_norm(momentum):
+    """The extraction's channels-last batch norm: output, gradients and running statistics (also the cumulative
+    average of `momentum=None`) of PyTorch's, over two training steps, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    ours, theirs = (torch.nn.BatchNorm1d(6, momentum=momentum).double() for _ in range(2))
+    for step in range(2):
+        rows = (torch.randn(50, 6, generator=generator, dtype=torch.float64) * 3 + step).requires_grad_()
+        upstream = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+        results = []
+        for norm, function in [(ours, lambda x: modeling_selfy._rows_batch_norm(x, ours)), (theirs, theirs)]:
+            out = function(rows)
+            results.append((out, *torch.autograd.grad(out, [rows, norm.weight, norm.bias], upstream)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(ours.buffers(), theirs.buffers()):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_stride_one_conv_backward_matches_autograd(padding, autocast):

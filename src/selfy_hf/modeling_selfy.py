@@ -172,6 +172,8 @@ class SelfyConvNormAct(nn.Module):
             weight, bias = self._folded(weight)
         if self._covers_map(x):
             # A kernel covering the whole map is one matrix product, which BLAS runs ~1.7x faster than conv2d here
+            if not x.is_contiguous():  # channels-last: flatten in (U, V, C) order, as the memory lies
+                x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
             x = F.linear(x.flatten(1), weight.flatten(1), bias)[..., None, None]
         elif conv.stride[1:] == (1, 1) and bias is None:
             x = _StrideOneConv2d.apply(x, weight, conv.padding[1])
@@ -197,10 +199,19 @@ class SelfyConvNormAct(nn.Module):
         return self.conv.weight.shape[-2:] == x.shape[-2:] and not any(self.conv.padding)
 
     def _normalize_planar(self, x: torch.Tensor) -> torch.Tensor:
-        # BN3d over the 5D view, then the in-place ReLU on the BN's own output, not on a 4D view of it: on a view,
-        # autograd copies the whole tensor back into its base in backward.
-        x = self.bn(x.unsqueeze(2))
-        return (F.relu(x, inplace=True) if self.activation else x).squeeze(2)
+        """BN with batch statistics (and ReLU) over `(N, C, U, V)` maps. CPU batch norm over NCHW maps of a few values
+        runs several times slower than over rows of channels, so channels-last maps are normalised as their
+        `(N*U*V, C)` rows, by `_RowsBatchNorm` (PyTorch's channels-last batch norm loses accuracy on these maps)."""
+        if x.is_contiguous():
+            return self._activate(self.bn(x.unsqueeze(2))).squeeze(2)
+        batch, channels, height, width = x.shape
+        rows = _rows_batch_norm(x.permute(0, 2, 3, 1).reshape(-1, channels), self.bn)
+        return self._activate(rows).view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        # In place on the BN's own output, not on a view of it: on a view, autograd copies the whole tensor back into
+        # its base in backward.
+        return F.relu(x, inplace=True) if self.activation else x
 
 
 def _eager_inference(x: torch.Tensor) -> bool:
@@ -324,6 +335,69 @@ class _StrideOneConv2d(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+class _ChannelsLast(torch.autograd.Function):
+    """`x.contiguous(memory_format=torch.channels_last)` whose backward hands a contiguous gradient to the layers
+    before, which run contiguous: CPU kernels given a gradient and an input of different layouts run several times
+    slower (10x for the first extraction conv's backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class _RowsBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm over the rows of `(M, C)`: returns the output and the batch mean and (biased)
+    variance. Two-pass statistics (mean, then the centred squares) with PyTorch's pairwise column sums, in at least
+    fp32, so it is as accurate as NCHW batch norm where PyTorch's channels-last kernel is not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        rows = x.shape[0]
+        centered = x.to(compute)
+        mean = centered.sum(0).div_(rows)
+        centered = centered - mean
+        var = centered.square().sum(0).div_(rows)
+        invstd = (var + eps).rsqrt_()
+        scale = weight.to(compute) * invstd
+        out = torch.addcmul(bias.to(compute), centered, scale).to(x.dtype)
+        ctx.save_for_backward(centered, invstd, scale)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_mean: None, _grad_var: None):
+        centered, invstd, scale = ctx.saved_tensors
+        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        grad = grad.to(centered.dtype)
+        rows = grad.shape[0]
+        sum_grad = grad.sum(0)
+        sum_grad_centered = (grad * centered).sum(0)
+        coefficient = invstd * invstd * sum_grad_centered / rows
+        grad_x = torch.addcmul(grad - sum_grad / rows, centered, coefficient, value=-1).mul_(scale)
+        grad_weight = (sum_grad_centered * invstd).to(weight_dtype)
+        return grad_x.to(x_dtype), grad_weight, sum_grad.to(bias_dtype), None
+
+
+def _rows_batch_norm(rows: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """`norm` (an affine BatchNorm using batch statistics) over the rows of `(M, C)`, with its running statistics
+    updated as PyTorch's batch norm does in training."""
+    out, mean, var = _RowsBatchNorm.apply(rows, norm.weight, norm.bias, norm.eps)
+    if norm.training and norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / norm.num_batches_tracked.item() if norm.momentum is None else norm.momentum
+            count = rows.shape[0]
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+            norm.running_var.lerp_((var * count / max(count - 1, 1)).to(norm.running_var.dtype), factor)
+    return out
+
+
 class StssExtractor(nn.Module):
     """
     Feature extraction (paper 3.2.1): turns each (U, V) similarity map into C_F features, per offset l, giving
@@ -375,8 +449,12 @@ class StssExtractor(nn.Module):
             for layer in self.layers:
                 maps = layer.forward_planar_onednn(maps)
             return maps.to_dense() if maps.is_mkldnn else maps
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             maps = layer.forward_planar(maps)
+            if index == 0 and self.training:
+                # Training: the later layers run channels-last, where their BN works on rows of channels and their
+                # conv gradients are faster; the first layer's 1-channel input gains nothing from it.
+                maps = _ChannelsLast.apply(maps)
         return maps
 
     def _soft_argmax(self, scores: torch.Tensor) -> torch.Tensor:
