@@ -378,8 +378,9 @@ class _RowsBatchNorm(torch.autograd.Function):
         rows = grad.shape[0]
         sum_grad = grad.sum(0)
         sum_grad_centered = (grad * centered).sum(0)
-        coefficient = invstd * invstd * sum_grad_centered / rows
-        grad_x = torch.addcmul(grad - sum_grad / rows, centered, coefficient, value=-1).mul_(scale)
+        # grad_x = scale * (grad - mean(grad) - centered * invstd^2 * mean(grad * centered)), in two passes
+        grad_x = torch.addcmul(-sum_grad / rows * scale, grad, scale)
+        grad_x.addcmul_(centered, -scale * invstd * invstd * sum_grad_centered / rows)
         grad_weight = (sum_grad_centered * invstd).to(weight_dtype)
         return grad_x.to(x_dtype), grad_weight, sum_grad.to(bias_dtype), None
 
