@@ -332,6 +332,26 @@ def test_fp32_training_gradients_match_float64():
         assert error < 1e-3, f"{name}: relative error {error:.1e}"
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_training_linear_through_onednn_matches_f_linear():
+    """The extraction's last layer trains through oneDNN's matrix product in eager fp32 and through `F.linear`
+    under autocast; both give `F.linear`'s output and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(72, 300, generator=generator).t().requires_grad_()  # a non-contiguous view
+    weight = torch.randn(16, 72, generator=generator, requires_grad=True)
+    upstream = torch.randn(300, 16, generator=generator)
+    ours = modeling_selfy._linear(x, weight, None)
+    assert type(ours.grad_fn).__name__ == "_OneDnnLinearBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(modeling_selfy._linear(x, weight, None).grad_fn).__name__ != "_OneDnnLinearBackward"
+    theirs = F.linear(x, weight)
+    for a, b in zip(
+        (ours, *torch.autograd.grad(ours, [x, weight], upstream)),
+        (theirs, *torch.autograd.grad(theirs, [x, weight], upstream)),
+    ):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_rows_batch_norm_is_pytorch_batch_norm(momentum):
     """The extraction's channels-last batch norm: output, gradients and running statistics (also the cumulative
