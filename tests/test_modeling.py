@@ -352,6 +352,24 @@ def test_training_linear_through_onednn_matches_f_linear():
         torch.testing.assert_close(a, b)
 
 
+def test_cpu_autocast_training_runs_the_stride_two_extraction_convs_in_fp32():
+    """Under CPU autocast with autograd on, the stride-2 extraction convs opt out to fp32 (their low-precision
+    backward is the slower one there); the others follow autocast, and a training step gives finite gradients."""
+    model = tiny_model().train()
+    layers = model.selfy.selfy_blocks["layer2"].extractor.layers
+    maps = torch.rand(10, 1, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes = []
+        for layer in layers:
+            maps = layer.forward_planar(maps)
+            dtypes.append(maps.dtype)
+        loss = model(clip(size=32), labels=torch.tensor([1, 3])).loss
+    assert [conv.stride[-1] for conv in (layer.conv for layer in layers)] == [1, 2, 2, 1]
+    assert dtypes == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_rows_batch_norm_is_pytorch_batch_norm(momentum):
     """The extraction's channels-last batch norm: output, gradients and running statistics (also the cumulative
