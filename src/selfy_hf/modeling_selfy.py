@@ -194,7 +194,8 @@ class SelfyConvNormAct(nn.Module):
         return self._normalize_planar(x)
 
     def forward_planar_onednn(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward_planar` for eval-mode fp32 CPU inference through oneDNN; `x` dense or a oneDNN tensor."""
+        """`forward_planar` for eval-mode CPU inference through oneDNN (fp32, or bf16 under autocast); `x` dense or a
+        oneDNN tensor."""
         weight, bias = self._folded(self.conv.weight.squeeze(2))
         if not self._covers_map(x):
             return self._onednn(x, weight, bias, self.conv.stride[1:], self.conv.padding[1:])
