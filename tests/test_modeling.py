@@ -133,6 +133,20 @@ def test_initialisation_follows_the_official_code():
     assert weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
 
 
+def _randomise_batch_norms(model: torch.nn.Module) -> None:
+    """Running statistics and affine parameters far from the identity, so that folding them is put to the test."""
+    generator = torch.Generator().manual_seed(0)
+    for norm in model.modules():
+        if isinstance(norm, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            for tensor, low, high in [
+                (norm.running_mean, -0.5, 0.5),
+                (norm.running_var, 0.5, 2.0),
+                (norm.weight.data, 0.5, 1.5),
+                (norm.bias.data, -0.5, 0.5),
+            ]:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+
+
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("window", [9, 5])
 def test_conv_extraction_is_the_official_conv3d_stack(training, window):
@@ -142,11 +156,7 @@ def test_conv_extraction_is_the_official_conv3d_stack(training, window):
     torch.manual_seed(0)
     config = SelfyConfig.from_preset("selfynet-tsm-r18", selfy_window_size=window)
     extractor = StssExtractor(config).double()
-    for layer in extractor.layers:  # running statistics and affine parameters far from the identity
-        layer.bn.running_mean.uniform_(-0.5, 0.5)
-        layer.bn.running_var.uniform_(0.5, 2.0)
-        layer.bn.weight.data.uniform_(0.5, 1.5)
-        layer.bn.bias.data.uniform_(-0.5, 0.5)
+    _randomise_batch_norms(extractor)
     official = copy.deepcopy(extractor).train(training)
     extractor.train(training)
     offsets = len(config.selfy_temporal_offsets)
@@ -167,20 +177,6 @@ def test_conv_extraction_is_the_official_conv3d_stack(training, window):
             torch.testing.assert_close(a, b)
         for a, b in zip(extractor.buffers(), official.buffers()):
             torch.testing.assert_close(a, b)
-
-
-def _randomise_batch_norms(model: torch.nn.Module) -> None:
-    """Running statistics and affine parameters far from the identity, so that folding them is put to the test."""
-    generator = torch.Generator().manual_seed(0)
-    for norm in model.modules():
-        if isinstance(norm, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
-            for tensor, low, high in [
-                (norm.running_mean, -0.5, 0.5),
-                (norm.running_var, 0.5, 2.0),
-                (norm.weight.data, 0.5, 1.5),
-                (norm.bias.data, -0.5, 0.5),
-            ]:
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
 
 
 def _count_inference_fast_paths(monkeypatch) -> dict[str, int]:

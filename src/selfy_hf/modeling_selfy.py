@@ -134,7 +134,7 @@ class SelfyConvNormAct(nn.Module):
             weight, bias = self._folded(self.conv.weight)
             return self._onednn(x.to(dtype), weight, bias, self.conv.stride, self.conv.padding)
         x = self.bn(self.conv(x, **conv_kwargs))
-        return F.relu(x, inplace=True) if self.activation else x
+        return self._activate(x)
 
     def folds_norm(self) -> bool:
         """Inference: the BN is a per-channel affine map, folded into the conv (exact up to rounding)."""
@@ -153,10 +153,18 @@ class SelfyConvNormAct(nn.Module):
         # oneDNN's conv + bias + ReLU in one primitive (what inductor lowers to): the BN and ReLU cost no extra
         # pass over the output. `x` may be a oneDNN (`to_mkldnn`) tensor; the output then is one too. The weights
         # take the dtype of `x`: fp32, or bf16 under autocast.
-        activation = "relu" if self.activation else "none"
         dilation = (1,) * len(stride)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight.to(x.dtype), bias.to(x.dtype), padding, stride, dilation, 1, activation, [], ""
+            x,
+            weight.to(x.dtype),
+            bias.to(x.dtype),
+            padding,
+            stride,
+            dilation,
+            1,
+            self._onednn_activation,
+            [],
+            "",
         )
 
     def forward_planar(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +198,7 @@ class SelfyConvNormAct(nn.Module):
         else:
             x = F.conv2d(x, weight, bias, conv.stride[1:], conv.padding[1:])
         if fold_norm:
-            return F.relu(x, inplace=True) if self.activation else x
+            return self._activate(x)
         return self._normalize_planar(x)
 
     def forward_planar_onednn(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,9 +209,8 @@ class SelfyConvNormAct(nn.Module):
             return self._onednn(x, weight, bias, self.conv.stride[1:], self.conv.padding[1:])
         # oneDNN's matrix product runs ~2.5x faster than the BLAS one behind `F.linear` on this AMD CPU.
         x = x.to_dense() if x.is_mkldnn else x
-        activation = "relu" if self.activation else "none"
         weight, bias = weight.flatten(1).to(x.dtype), bias.to(x.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), weight, bias, activation, [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), weight, bias, self._onednn_activation, [], "")
         return out[..., None, None]
 
     def _covers_map(self, x: torch.Tensor) -> bool:
@@ -218,6 +225,11 @@ class SelfyConvNormAct(nn.Module):
         batch, channels, height, width = x.shape
         rows = _rows_batch_norm(x.permute(0, 2, 3, 1).reshape(-1, channels), self.bn)
         return self._activate(rows).view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    @property
+    def _onednn_activation(self) -> str:
+        """The post-op name of oneDNN's fused conv/linear."""
+        return "relu" if self.activation else "none"
 
     def _activate(self, x: torch.Tensor) -> torch.Tensor:
         # In place on the BN's own output, not on a view of it: on a view, autograd copies the whole tensor back into
