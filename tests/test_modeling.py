@@ -419,6 +419,32 @@ def test_cuda_autocast_matches_cpu(dtype):
     torch.testing.assert_close(logits.float().cpu(), expected, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step_matches_cpu(monkeypatch):
+    """Training mode on CUDA (batch statistics, the extraction's layout switches) gives the CPU's loss, gradients
+    and running statistics: fp32 without TF32 and no dropout, so that only summation order differs."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = tiny_model(classifier_dropout=0.0).train()
+        _randomise_batch_norms(model)
+        model.to(device)
+        loss = model(clip().to(device), labels=torch.tensor([1, 3], device=device)).loss
+        loss.backward()
+        results.append(
+            {"loss": loss.detach()}
+            | {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+            | {name: b for name, b in model.named_buffers() if b.is_floating_point()}
+        )
+    cpu, cuda = results
+    assert cpu.keys() == cuda.keys()
+    for name in cpu:
+        torch.testing.assert_close(
+            cuda[name].cpu(), cpu[name], rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
 def _meta_model(preset: str, **overrides) -> SelfyForVideoClassification:
     with torch.device("meta"):
         return SelfyForVideoClassification(SelfyConfig.from_preset(preset, num_labels=174, **overrides))

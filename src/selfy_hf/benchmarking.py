@@ -667,6 +667,14 @@ def _check_names(what: str, names: Sequence[str], known: Sequence[str] | None = 
         raise ValueError(f"Unknown {what} {unknown}; choose from {list(known)}")
 
 
+def _room_for_recompiles():
+    """Each (model, batch size, mode) compiles its own graph of the same `forward`: more than dynamo's default limit
+    of 8 graphs per function, past which it quietly runs the remaining calls eagerly."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch({name: 256})
+
+
 def benchmark_models(
     presets: Sequence[str],
     variants: Sequence[str] = DEFAULT_VARIANTS,
@@ -698,7 +706,7 @@ def benchmark_models(
     gmacs = {preset: count_complexity(model, image_size=image_size).gmacs for preset, model in bases.items()}
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    with tempfile.TemporaryDirectory() as onnx_dir:
+    with tempfile.TemporaryDirectory() as onnx_dir, _room_for_recompiles():
         for name in variants:
             variant = MODEL_VARIANTS[name]
             prepared = {preset: _prepare(base, variant) for preset, base in bases.items()}
