@@ -166,7 +166,7 @@ def test_conv_extraction_is_the_official_conv3d_stack(training, window):
     volumes = similarity.reshape(-1, 1, offsets, window, window)
     for layer in official.layers:
         volumes = F.relu(layer.bn(layer.conv(volumes)))
-    expected = volumes.reshape(2, 3, 4, 5, -1, offsets).permute(0, 5, 4, 1, 2, 3).flatten(0, 1)
+    expected = volumes.reshape(2, 3, 4, 5, -1, offsets).transpose(-1, -2)  # (B, T, H, W, L, C_F)
 
     torch.testing.assert_close(features, expected)
     if training:
@@ -180,9 +180,10 @@ def test_conv_extraction_is_the_official_conv3d_stack(training, window):
 
 
 def _count_inference_fast_paths(monkeypatch) -> dict[str, int]:
-    calls = {"onednn": 0, "projection": 0}
+    calls = {"onednn": 0, "grouped": 0, "projection": 0}
     for cls, name, key in [
         (modeling_selfy.SelfyConvNormAct, "forward_planar_onednn", "onednn"),
+        (modeling_selfy.SelfyConvNormAct, "forward_grouped_onednn", "grouped"),
         (modeling_selfy.StssIntegrator, "_add_upsampled_projection", "projection"),
     ]:
         original = getattr(cls, name)
@@ -206,14 +207,16 @@ def _r18_with_random_statistics() -> SelfyForVideoClassification:
 @pytest.mark.parametrize("size", [112, 100])
 def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
     """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the extraction through oneDNN's fused
-    ops in its blocked layout and adds the upsampling projection to the input in place. The logits must be those of
+    ops in its blocked layout, the integration as channels-last grouped convs, and adds the upsampling projection
+    to the input in place. The logits must be those of
     the official ops, computed in float64 with autograd on (which turns every inference-only path off)."""
     calls = _count_inference_fast_paths(monkeypatch)
     model = _r18_with_random_statistics()
     pixel_values = clip(size=size)
     with torch.no_grad():
         logits = model(pixel_values).logits
-    assert calls == {"onednn": 4 if torch.backends.mkldnn.is_available() else 0, "projection": 1}
+    onednn = torch.backends.mkldnn.is_available()
+    assert calls == {"onednn": 4 if onednn else 0, "grouped": 4 if onednn else 0, "projection": 1}
     expected = copy.deepcopy(model).double()(pixel_values.double()).logits
     assert calls["projection"] == 1, "autograd on must turn the inference-only paths off"
     torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
@@ -230,9 +233,9 @@ def test_bf16_autocast_inference_runs_the_fused_ops_in_bf16(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             logits = model(pixel_values).logits
-        assert calls["onednn"] == 4
+        assert calls["onednn"] == calls["grouped"] == 4
         expected = model(pixel_values).logits  # autograd on: autocast's own convs and BNs
-    assert calls["onednn"] == 4
+    assert calls["onednn"] == calls["grouped"] == 4
     assert logits.dtype == expected.dtype
     torch.testing.assert_close(logits.float(), expected.detach().float(), rtol=5e-2, atol=5e-2)
 

@@ -83,11 +83,11 @@ def test_matches_the_models_soft_argmax_extraction():
     extractor = StssExtractor(config)
     torch.manual_seed(2)
     similarities = torch.rand(1, 4, 6, 7, len(OFFSETS), config.selfy_window_size, config.selfy_window_size)
-    model_features = extractor(similarities)  # (B*L, 2, T, H, W)
+    model_features = extractor(similarities)[0]  # (T, H, W, L, 2)
     ours = stss_displacements(
         similarities, temperature=config.selfy_softargmax_temperature
     )  # (T, L, H, W, 2)
-    torch.testing.assert_close(ours.permute(1, 4, 0, 2, 3).flip(1), model_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.permute(0, 2, 3, 1, 4).flip(-1), model_features, atol=1e-5, rtol=1e-5)
 
 
 def test_displacements_reject_bad_input():

@@ -132,6 +132,9 @@ class SelfyConvNormAct(nn.Module):
             and (dtype := _onednn_dtype(x)) is not None
         ):
             weight, bias = self._folded(self.conv.weight)
+            if x.dim() == 4:
+                # oneDNN runs the transform's 3x3 stride-2 conv 1.8x faster channels-last, conversion included.
+                x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
             return self._onednn(x.to(dtype), weight, bias, self.conv.stride, self.conv.padding)
         x = self.bn(self.conv(x, **conv_kwargs))
         return self._activate(x)
@@ -200,6 +203,25 @@ class SelfyConvNormAct(nn.Module):
         if fold_norm:
             return self._activate(x)
         return self._normalize_planar(x)
+
+    def forward_grouped_onednn(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """Eval-mode CPU inference of a (1, k, k) Conv3d applied alike to `groups` stacks of channels of the
+        channels-last `(N, groups * C_in, X, Y)` maps, as one grouped oneDNN conv + bias + ReLU; channels-last out."""
+        weight, bias = self._folded(self.conv.weight.squeeze(2))
+        weight = weight.repeat(groups, 1, 1, 1).to(x.dtype).contiguous(memory_format=torch.channels_last)
+        conv = self.conv
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            weight,
+            bias.repeat(groups).to(x.dtype),
+            conv.padding[1:],
+            conv.stride[1:],
+            conv.dilation[1:],
+            groups,
+            self._onednn_activation,
+            [],
+            "",
+        )
 
     def forward_planar_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """`forward_planar` for eval-mode CPU inference through oneDNN (fp32, or bf16 under autocast); `x` dense or a
@@ -474,7 +496,7 @@ def _rows_batch_norm(rows: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) 
 class StssExtractor(nn.Module):
     """
     Feature extraction (paper 3.2.1): turns each (U, V) similarity map into C_F features, per offset l, giving
-    `(B*L, C_F, T, H, W)` for the integration. `conv`: four 1x3x3 convs with the official strides (the last one's
+    `(B, T, H, W, L, C_F)` for the integration (the rows the maps were computed in; no transpose). `conv`: four 1x3x3 convs with the official strides (the last one's
     kernel covers what is left of the window, 3x3 for U = 9); `mlp`: four FC layers over the U*V values (eq. 3-4);
     `soft_argmax`: the expected displacement (u, v) under softmax(S / tau) (eq. 2).
     """
@@ -511,8 +533,7 @@ class StssExtractor(nn.Module):
                 features = F.relu(layer(features), inplace=True)
         else:
             features = self._soft_argmax(maps.flatten(1))
-        features = features.reshape(batch, frames, height, width, offsets, -1)
-        return features.permute(0, 4, 5, 1, 2, 3).reshape(batch * offsets, -1, frames, height, width)
+        return features.reshape(batch, frames, height, width, offsets, -1)
 
     def _conv_features(self, maps: torch.Tensor) -> torch.Tensor:
         if all(layer.folds_norm() for layer in self.layers) and (dtype := _onednn_dtype(maps)) is not None:
@@ -572,14 +593,16 @@ class StssIntegrator(nn.Module):
         self.project = SelfyConvNormAct(project, out_channels, activation=False, zero_init=True)
 
     def forward(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """`(B*L, C_F, T, X, Y)` features and the block's `(B*T, C, H, W)` input in, ReLU(input + projection) out."""
+        """`(B, T, X, Y, L, C_F)` features and the block's `(B*T, C, H, W)` input in, ReLU(input + projection) out."""
+        if self._runs_channels_last(features):
+            return self._forward_channels_last(features, residual)
+        batch, frames, height, width = features.shape[:4]
+        features = features.permute(0, 4, 5, 1, 2, 3).flatten(0, 1)  # (B*L, C_F, T, X, Y)
         for layer in self.layers:
             features = layer(features)
-        offsets_channels, frames, height, width = features.shape[1:]
-        features = features.reshape(-1, self.num_offsets * offsets_channels, frames, height, width)
-        features = self.fuse(features)
+        features = self.fuse(features.reshape(batch, -1, frames, height, width))
         if self.upsample and self.project.folds_norm() and _eager_inference(features):
-            return self._add_upsampled_projection(features, residual)
+            return self._add_upsampled_projection(features.transpose(1, 2).flatten(0, 1), residual)
         if self.upsample:
             # Official output_padding=1 doubles even sizes; output_size also restores odd ones.
             out = self.project(features, output_size=(frames, *residual.shape[-2:]))
@@ -587,17 +610,35 @@ class StssIntegrator(nn.Module):
             out = self.project(features)
         return F.relu(residual + out.transpose(1, 2).reshape(residual.shape))
 
+    def _runs_channels_last(self, features: torch.Tensor) -> bool:
+        convs = [*self.layers, self.fuse]
+        return (
+            self.upsample
+            and self.project.folds_norm()
+            and all(layer.folds_norm() for layer in convs)
+            and _onednn_dtype(features) is not None
+        )
+
+    def _forward_channels_last(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # CPU inference: the `(B, T, X, Y, L, C_F)` features are already the channels-last `(B*T, L*C_F, X, Y)` maps
+        # the fusing conv reads, and the per-offset layers are one grouped conv over them: no transposes, and
+        # oneDNN's channels-last convs run these 64-channel 14x14 maps ~2x faster than the 5D ones.
+        batch, frames, height, width, offsets, channels = features.shape
+        maps = features.reshape(batch * frames, height, width, offsets * channels).permute(0, 3, 1, 2)
+        maps = maps.to(_onednn_dtype(features))
+        for layer in self.layers:
+            maps = layer.forward_grouped_onednn(maps, groups=offsets)
+        return self._add_upsampled_projection(self.fuse.forward_grouped_onednn(maps, groups=1), residual)
+
     def _add_upsampled_projection(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         # Inference: the strided 1x1x1 transposed conv (BN folded in) writes only the even positions of its output
-        # and the BN shift elsewhere, so add it to the input there directly: no full-size upsampled tensor, BN pass
-        # or transpose to the frames-first layout.
-        batch, channels, frames = features.shape[:3]
+        # and the BN shift elsewhere, so add it to the input there directly: no full-size upsampled tensor or BN
+        # pass. `features`: `(B*T, C, X, Y)`, any memory layout.
         weight, shift = self.project._folded(self.project.conv.weight.flatten(1), channel_dim=1)
-        frames_first = features.transpose(1, 2).reshape(batch, frames, channels, -1)
-        projected = torch.matmul(weight.t().to(features.dtype), frames_first)
+        projected = torch.matmul(features.permute(0, 2, 3, 1), weight.to(features.dtype))
         out = residual + shift[:, None, None].to(residual.dtype)
-        even = out.view(batch, frames, *out.shape[1:])[..., ::2, ::2]
-        even += projected.view(even.shape)
+        even = out[..., ::2, ::2]
+        even += projected.permute(0, 3, 1, 2)
         return out.relu_()
 
 
