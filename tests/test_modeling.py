@@ -196,9 +196,10 @@ def _count_inference_fast_paths(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def _r18_with_random_statistics() -> SelfyForVideoClassification:
+def _r18_with_random_statistics(**overrides) -> SelfyForVideoClassification:
     torch.manual_seed(0)
-    model = SelfyForVideoClassification(SelfyConfig.from_preset("selfynet-tsm-r18", num_labels=5)).eval()
+    config = SelfyConfig.from_preset("selfynet-tsm-r18", num_labels=5, **overrides)
+    model = SelfyForVideoClassification(config).eval()
     _randomise_batch_norms(model)
     return model
 
@@ -219,6 +220,20 @@ def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
     assert calls == {"onednn": 4 if onednn else 0, "grouped": 4 if onednn else 0, "projection": 1}
     expected = copy.deepcopy(model).double()(pixel_values.double()).logits
     assert calls["projection"] == 1, "autograd on must turn the inference-only paths off"
+    torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("integration", "grouped_convs"), [("mlp", 4), ("fc", 1)])
+def test_inference_fast_paths_of_the_other_integrations(integration, grouped_convs, monkeypatch):
+    """The channels-last grouped integration with 1x1 layers (MLP) and with the fusing layer alone (FC)."""
+    calls = _count_inference_fast_paths(monkeypatch)
+    model = _r18_with_random_statistics(selfy_integration=integration)
+    pixel_values = clip(size=64)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    if torch.backends.mkldnn.is_available():
+        assert calls["grouped"] == grouped_convs
+    expected = copy.deepcopy(model).double()(pixel_values.double()).logits
     torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
 
 
