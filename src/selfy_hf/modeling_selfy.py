@@ -496,9 +496,10 @@ def _rows_batch_norm(rows: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) 
 class StssExtractor(nn.Module):
     """
     Feature extraction (paper 3.2.1): turns each (U, V) similarity map into C_F features, per offset l, giving
-    `(B, T, H, W, L, C_F)` for the integration (the rows the maps were computed in; no transpose). `conv`: four 1x3x3 convs with the official strides (the last one's
-    kernel covers what is left of the window, 3x3 for U = 9); `mlp`: four FC layers over the U*V values (eq. 3-4);
-    `soft_argmax`: the expected displacement (u, v) under softmax(S / tau) (eq. 2).
+    `(B, T, H, W, L, C_F)` for the integration (the order the maps were computed in; no transpose). `conv`: four
+    1x3x3 convs with the official strides (the last one's kernel covers what is left of the window, 3x3 for U = 9);
+    `mlp`: four FC layers over the U*V values (eq. 3-4); `soft_argmax`: the expected displacement (u, v) under
+    softmax(S / tau) (eq. 2).
     """
 
     def __init__(self, config: SelfyConfig):
