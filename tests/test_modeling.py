@@ -209,8 +209,8 @@ def _r18_with_random_statistics(**overrides) -> SelfyForVideoClassification:
 def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
     """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the extraction through oneDNN's fused
     ops in its blocked layout, the integration as channels-last grouped convs, and adds the upsampling projection
-    to the input in place. The logits must be those of
-    the official ops, computed in float64 with autograd on (which turns every inference-only path off)."""
+    to the input in place. The logits must be those of the official ops, computed in float64 with autograd on
+    (which turns every inference-only path off)."""
     calls = _count_inference_fast_paths(monkeypatch)
     model = _r18_with_random_statistics()
     pixel_values = clip(size=size)

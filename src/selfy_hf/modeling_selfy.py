@@ -151,7 +151,13 @@ class SelfyConvNormAct(nn.Module):
         return weight * scale.view(scale_shape), self.bn.bias - self.bn.running_mean * scale
 
     def _onednn(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: tuple, padding: tuple
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        stride: tuple,
+        padding: tuple,
+        groups: int = 1,
     ) -> torch.Tensor:
         # oneDNN's conv + bias + ReLU in one primitive (what inductor lowers to): the BN and ReLU cost no extra
         # pass over the output. `x` may be a oneDNN (`to_mkldnn`) tensor; the output then is one too. The weights
@@ -164,7 +170,7 @@ class SelfyConvNormAct(nn.Module):
             padding,
             stride,
             dilation,
-            1,
+            groups,
             self._onednn_activation,
             [],
             "",
@@ -208,20 +214,9 @@ class SelfyConvNormAct(nn.Module):
         """Eval-mode CPU inference of a (1, k, k) Conv3d applied alike to `groups` stacks of channels of the
         channels-last `(N, groups * C_in, X, Y)` maps, as one grouped oneDNN conv + bias + ReLU; channels-last out."""
         weight, bias = self._folded(self.conv.weight.squeeze(2))
-        weight = weight.repeat(groups, 1, 1, 1).to(x.dtype).contiguous(memory_format=torch.channels_last)
+        weight = weight.repeat(groups, 1, 1, 1).contiguous(memory_format=torch.channels_last)
         conv = self.conv
-        return torch.ops.mkldnn._convolution_pointwise(
-            x,
-            weight,
-            bias.repeat(groups).to(x.dtype),
-            conv.padding[1:],
-            conv.stride[1:],
-            conv.dilation[1:],
-            groups,
-            self._onednn_activation,
-            [],
-            "",
-        )
+        return self._onednn(x, weight, bias.repeat(groups), conv.stride[1:], conv.padding[1:], groups)
 
     def forward_planar_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """`forward_planar` for eval-mode CPU inference through oneDNN (fp32, or bf16 under autocast); `x` dense or a
@@ -595,8 +590,8 @@ class StssIntegrator(nn.Module):
 
     def forward(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`(B, T, X, Y, L, C_F)` features and the block's `(B*T, C, H, W)` input in, ReLU(input + projection) out."""
-        if self._runs_channels_last(features):
-            return self._forward_channels_last(features, residual)
+        if (dtype := self._channels_last_dtype(features)) is not None:
+            return self._forward_channels_last(features.to(dtype), residual)
         batch, frames, height, width = features.shape[:4]
         features = features.permute(0, 4, 5, 1, 2, 3).flatten(0, 1)  # (B*L, C_F, T, X, Y)
         for layer in self.layers:
@@ -611,14 +606,11 @@ class StssIntegrator(nn.Module):
             out = self.project(features)
         return F.relu(residual + out.transpose(1, 2).reshape(residual.shape))
 
-    def _runs_channels_last(self, features: torch.Tensor) -> bool:
-        convs = [*self.layers, self.fuse]
-        return (
-            self.upsample
-            and self.project.folds_norm()
-            and all(layer.folds_norm() for layer in convs)
-            and _onednn_dtype(features) is not None
-        )
+    def _channels_last_dtype(self, features: torch.Tensor) -> torch.dtype | None:
+        """The dtype of the channels-last inference path (`_onednn_dtype`), None where it may not run."""
+        if self.upsample and all(layer.folds_norm() for layer in [*self.layers, self.fuse, self.project]):
+            return _onednn_dtype(features)
+        return None
 
     def _forward_channels_last(self, features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         # CPU inference: the `(B, T, X, Y, L, C_F)` features are already the channels-last `(B*T, L*C_F, X, Y)` maps
@@ -626,7 +618,6 @@ class StssIntegrator(nn.Module):
         # oneDNN's channels-last convs run these 64-channel 14x14 maps ~2x faster than the 5D ones.
         batch, frames, height, width, offsets, channels = features.shape
         maps = features.reshape(batch * frames, height, width, offsets * channels).permute(0, 3, 1, 2)
-        maps = maps.to(_onednn_dtype(features))
         for layer in self.layers:
             maps = layer.forward_grouped_onednn(maps, groups=offsets)
         return self._add_upsampled_projection(self.fuse.forward_grouped_onednn(maps, groups=1), residual)
