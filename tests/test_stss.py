@@ -50,6 +50,19 @@ def test_fast_paths_match_the_reference_in_values_and_gradients(shape, offsets, 
         torch.testing.assert_close(stss(x, offsets, window, method=method), reference)
 
 
+def test_all_pairs_whole_batch_products_match_the_per_clip_ones(monkeypatch):
+    # CPU runs the all-pairs products clip by clip; other devices run them on the whole batch at once.
+    x = torch.randn(3, 4, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    offsets = [-2, 0, 1]
+    reference = stss_reference(x, offsets, 5)
+    upstream = torch.randn_like(reference)
+    (grad_reference,) = torch.autograd.grad(reference, x, upstream)
+    monkeypatch.setattr(stss_module, "_samples", lambda tensor: [tensor])
+    fast = stss(x, offsets, 5, method="all_pairs")
+    torch.testing.assert_close(fast, reference)
+    torch.testing.assert_close(torch.autograd.grad(fast, x, upstream)[0], grad_reference)
+
+
 @pytest.mark.parametrize("method", ["reference", "all_pairs", "tiles"])
 def test_gradients_are_exact(method):
     x = torch.randn(1, 3, 2, 3, 4, dtype=torch.float64, requires_grad=True)
