@@ -15,7 +15,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutputWithNoAttention
 
 from .configuration_selfy import SelfyConfig
-from .stss import l2_normalize, stss
+from .stss import building_graph, l2_normalize, stss
 
 _BATCH_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -260,13 +260,7 @@ class SelfyConvNormAct(nn.Module):
 def _eager(x: torch.Tensor) -> bool:
     """Whether a formulation other than the official ops may run: not while tracing, compiling or exporting (ONNX
     and graphs get the official ops) and not under a dispatch mode such as `FlopCounterMode` (which counts them)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
-    return (
-        not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting)
-        and not torch.onnx.is_in_onnx_export()
-        and _current_dispatch_mode() is None
-        and x.device.type != "meta"
-    )
+    return not building_graph() and _current_dispatch_mode() is None and x.device.type != "meta"
 
 
 def _eager_inference(x: torch.Tensor) -> bool:

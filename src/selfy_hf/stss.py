@@ -171,9 +171,14 @@ def _all_pairs_layout(
     return query_frames, key_frames, index.reshape(1, -1)
 
 
-def _traced() -> bool:
-    """Tracing, compiling or exporting: the graph must not depend on the batch size (ONNX exports a dynamic one)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+def building_graph() -> bool:
+    """Tracing, compiling or exporting (TorchScript, dynamo, `torch.export`, ONNX): a graph is being recorded, so
+    eager-only formulations must stay out of it (the all-pairs products per clip would fix the batch size that ONNX
+    exports as dynamic)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return (
+        torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting or torch.onnx.is_in_onnx_export()
+    )
 
 
 def _samples(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -195,6 +200,12 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.baddbmm_(a, b)
     else:
         out += torch.matmul(a, b)
+
+
+def _gather_windows(products: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Every query's window out of the `(B, pairs, S, S)` products, by the layout's flat `index`."""
+    batch = products.shape[0]
+    return products.reshape(batch, -1).gather(1, index.expand(batch, -1))
 
 
 def _pair_products(flat: torch.Tensor, distances: Sequence[int]) -> torch.Tensor:
@@ -219,19 +230,16 @@ class _AllPairsFunction(torch.autograd.Function):
     def forward(ctx, flat: torch.Tensor, distances: list[int], index: torch.Tensor) -> torch.Tensor:
         products = _pair_products(flat, distances)
         ctx.save_for_backward(flat, index)
-        ctx.distances = distances
-        batch = flat.shape[0]
-        return products.view(batch, -1).gather(1, index.expand(batch, -1))
+        ctx.distances, ctx.products_shape = distances, products.shape
+        return _gather_windows(products, index)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         flat, index = ctx.saved_tensors
-        batch, frames, _, side = flat.shape
-        pairs = sum(frames - d for d in ctx.distances)
-        grad_products = grad_output.new_zeros(batch, pairs * side * side, dtype=flat.dtype)
-        grad_products.scatter_add_(1, index.expand(batch, -1), grad_output.to(flat.dtype))
-        grad_products = grad_products.view(batch, pairs, side, side)
+        batch, frames = flat.shape[:2]
+        grad_products = flat.new_zeros(ctx.products_shape)
+        grad_products.view(batch, -1).scatter_add_(1, index.expand(batch, -1), grad_output.to(flat.dtype))
         grad_flat = torch.zeros_like(flat)
         for features, grads, grad_features in zip(
             _samples(flat), _samples(grad_products), _samples(grad_flat)
@@ -258,17 +266,17 @@ def _stss_all_pairs(x: torch.Tensor, temporal_offsets: Sequence[int], window: in
         lambda: _all_pairs_layout(frames, height, width, offsets, window, x.device),
     )
     flat = F.pad(x.reshape(batch, frames, channels, height * width), (0, 1))  # append the zero position
-    if _traced():
+    if building_graph():
         products = torch.matmul(
             flat.index_select(1, query_frames).transpose(2, 3), flat.index_select(1, key_frames)
         )
-        out = products.reshape(batch, -1).gather(1, index.expand(batch, -1))
+        out = _gather_windows(products, index)
     else:
         flat, distances = flat.to(_compute_dtype(x)), _pair_distances(frames, offsets)
         if torch.is_grad_enabled() and flat.requires_grad:
             out = _AllPairsFunction.apply(flat, distances, index)
         else:
-            out = _pair_products(flat, distances).view(batch, -1).gather(1, index.expand(batch, -1))
+            out = _gather_windows(_pair_products(flat, distances), index)
     return out.view(batch, frames, height, width, len(offsets), window, window)
 
 
@@ -543,6 +551,7 @@ def stss(x: torch.Tensor, temporal_offsets: Sequence[int], window: int, method: 
 __all__ = [
     "ALL_PAIRS_MAX_POSITIONS",
     "STSS_METHODS",
+    "building_graph",
     "l2_normalize",
     "select_stss_method",
     "stss",
