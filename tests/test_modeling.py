@@ -403,6 +403,25 @@ def test_rows_batch_norm_is_pytorch_batch_norm(momentum):
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("size", [112, 57])
+def test_stem_max_pool_gives_pytorch_maxima_and_gradients_bit_for_bit(size):
+    """The stem pools NCHW maps channels-last (eager CPU): the same maxima, and the gradient at the same positions
+    where a window holds several equal maxima (the ReLU's zeros), NCHW in and out; graphs keep PyTorch's op."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, size, size, generator=generator).relu().requires_grad_()
+    out_size = (size - 1) // 2 + 1
+    upstream = torch.randn(3, 16, out_size, out_size, generator=generator)
+    pool = modeling_selfy.SelfyMaxPool2d()
+    ours, theirs = pool(x), F.max_pool2d(x, 3, 2, 1)
+    assert type(ours.grad_fn).__name__ == "_ChannelsLastMaxPoolBackward"
+    assert ours.is_contiguous() and torch.equal(ours, theirs)
+    grads = [torch.autograd.grad(out, x, upstream)[0] for out in (ours, theirs)]
+    assert grads[0].is_contiguous() and torch.equal(*grads)
+    exported = torch.export.export(pool, (x.detach(),))
+    assert "aten.max_pool2d" in str(exported.graph) and "PythonOp" not in str(exported.graph)
+    assert torch.equal(exported.module()(x.detach()), theirs.detach())
+
+
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_stride_one_conv_backward_matches_autograd(padding, autocast):

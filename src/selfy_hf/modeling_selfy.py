@@ -114,6 +114,52 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential
     )
 
 
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """Max pooling of NCHW maps computed channels-last, forward and backward, NCHW in and out: PyTorch's NCHW CPU
+    kernels run scalar, the channels-last ones vectorised over the channels (the stem's 3x3 pool of 32 frames of
+    64x112x112: 83 ms forward and 142 ms with the backward, against 18 and 46 ms here, conversions included). The
+    same maxima and the same gradient, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
+        arguments = ([kernel_size] * 2, [stride] * 2, [padding] * 2)
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x.contiguous(memory_format=torch.channels_last), *arguments
+        )
+        # The NCHW input, not its channels-last copy: the stem's ReLU keeps it for its own backward anyway.
+        ctx.save_for_backward(x, indices)
+        ctx.arguments = arguments
+        return out.contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        x, indices = ctx.saved_tensors
+        channels_last = torch.channels_last
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(memory_format=channels_last),
+            x.contiguous(memory_format=channels_last),
+            *ctx.arguments,
+            [1, 1],
+            False,
+            indices,
+        )
+        return grad_x.contiguous(), None, None, None
+
+
+class SelfyMaxPool2d(nn.MaxPool2d):
+    """The stem's max pool (torchvision's `maxpool`, no parameters); eager CPU runs NCHW maps through
+    `_ChannelsLastMaxPool`, which takes a fifth of an eager ResNet-18's inference time otherwise."""
+
+    def __init__(self):
+        super().__init__(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and _eager(x):
+            return _ChannelsLastMaxPool.apply(x, self.kernel_size, self.stride, self.padding)
+        return super().forward(x)
+
+
 class SelfyConvNormAct(nn.Module):
     """A convolution, its BatchNorm and (optionally) a ReLU; `conv` and `bn` keep the state-dict names short."""
 
@@ -709,7 +755,7 @@ class SelfyModel(SelfyPreTrainedModel):
         self.conv1 = nn.Conv2d(config.num_channels, config.embedding_size, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(config.embedding_size)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = SelfyMaxPool2d()
         in_channels = config.embedding_size
         for stage, (depth, out_channels) in enumerate(zip(config.depths, config.hidden_sizes), start=1):
             stride = 1 if stage == 1 else 2
@@ -863,6 +909,7 @@ __all__ = [
     "SelfyModel",
     "SelfyForVideoClassification",
     "SelfyBlock",
+    "SelfyMaxPool2d",
     "StssCorrelation",
     "StssTransform",
     "StssExtractor",
