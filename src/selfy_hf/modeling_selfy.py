@@ -122,7 +122,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
-        arguments = ([kernel_size] * 2, [stride] * 2, [padding] * 2)
+        arguments = ([kernel_size] * 2, [stride] * 2, [padding] * 2, [1, 1], False)  # dilation 1, floor sizes
         out, indices = torch.ops.aten.max_pool2d_with_indices(
             x.contiguous(memory_format=torch.channels_last), *arguments
         )
@@ -135,13 +135,10 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         x, indices = ctx.saved_tensors
-        channels_last = torch.channels_last
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad.contiguous(memory_format=channels_last),
-            x.contiguous(memory_format=channels_last),
+            grad.contiguous(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
             *ctx.arguments,
-            [1, 1],
-            False,
             indices,
         )
         return grad_x.contiguous(), None, None, None
@@ -605,7 +602,6 @@ class StssIntegrator(nn.Module):
 
     def __init__(self, config: SelfyConfig, out_channels: int):
         super().__init__()
-        self.num_offsets = len(config.selfy_temporal_offsets)
         channels = config.selfy_integration_channels
         in_channels = config.extraction_output_channels
         method = config.selfy_integration
@@ -619,7 +615,9 @@ class StssIntegrator(nn.Module):
                 for c_in, c_out in zip(widths[:-1], widths[1:])
             )
             in_channels = channels[2]
-        fuse = _conv1x3x3(in_channels * self.num_offsets, channels[3], padding=padding, size=size)
+        fuse = _conv1x3x3(
+            in_channels * len(config.selfy_temporal_offsets), channels[3], padding=padding, size=size
+        )
         self.fuse = SelfyConvNormAct(fuse, channels[3])
         self.upsample = config.selfy_downsample
         if self.upsample:
