@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForVideoClassification
 
 from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy
 from selfy_hf.flops import count_complexity
-from selfy_hf.modeling_selfy import StssExtractor, _StrideOneConv2d, temporal_shift
+from selfy_hf.modeling_selfy import StssExtractor, _SmallMapConv2d, temporal_shift
 from selfy_hf.training import enable_activation_checkpointing
 
 TINY = {"num_labels": 5}
@@ -366,9 +366,10 @@ def test_training_linear_through_onednn_matches_f_linear():
         torch.testing.assert_close(a, b)
 
 
-def test_cpu_autocast_training_runs_the_stride_two_extraction_convs_in_fp32():
-    """Under CPU autocast with autograd on, the stride-2 extraction convs opt out to fp32 (their low-precision
-    backward is the slower one there); the others follow autocast, and a training step gives finite gradients."""
+def test_cpu_autocast_training_runs_the_first_three_extraction_convs_in_fp32():
+    """Under CPU autocast with autograd on, the first extraction conv (small matrix products) and the stride-2 ones
+    (their low-precision backward is the slower one there) opt out to fp32; the last follows autocast, and a
+    training step gives finite gradients."""
     model = tiny_model().train()
     layers = model.selfy.selfy_blocks["layer2"].extractor.layers
     maps = torch.rand(10, 1, 5, 5)
@@ -379,7 +380,7 @@ def test_cpu_autocast_training_runs_the_stride_two_extraction_convs_in_fp32():
             dtypes.append(maps.dtype)
         loss = model(clip(size=32), labels=torch.tensor([1, 3])).loss
     assert [conv.stride[-1] for conv in (layer.conv for layer in layers)] == [1, 2, 2, 1]
-    assert dtypes == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    assert dtypes == [torch.float32, torch.float32, torch.float32, torch.bfloat16]
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -422,27 +423,63 @@ def test_stem_max_pool_gives_pytorch_maxima_and_gradients_bit_for_bit(size):
     assert torch.equal(exported.module()(x.detach()), theirs.detach())
 
 
-@pytest.mark.parametrize("padding", [0, 1])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_stride_one_conv_backward_matches_autograd(padding, autocast):
-    """The hand-written backward of the first extraction conv gives PyTorch's gradients, also under bf16 autocast
-    (computed in bf16, returned in the parameters' fp32)."""
+@pytest.mark.parametrize(
+    "size, channels, stride, dense",
+    [
+        (9, (4, 16), 2, False),
+        (5, (16, 64), 2, False),
+        (6, (3, 5), 2, False),
+        (9, (1, 4), 1, True),
+        (6, (2, 3), 2, True),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_map_conv_matches_autograd(size, channels, stride, dense, channels_last, dtype):
+    """The extraction's small-map convs through their dense operator (the input gradient; with `dense`, the
+    forward and the weight gradient too) give PyTorch's values and gradients, the gradients in the input's
+    memory layout and the dense output channels-last."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 9, 9, generator=generator, requires_grad=True)
-    weight = torch.randn(5, 3, 3, 3, generator=generator, requires_grad=True)
-    upstream = torch.randn(6, 5, 9 - 2 + 2 * padding, 9 - 2 + 2 * padding, generator=generator)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(6, channels[0], size, size, generator=generator).to(dtype, memory_format=memory_format)
+    weight = torch.randn(channels[1], channels[0], 3, 3, generator=generator).to(dtype)
+    x.requires_grad_(), weight.requires_grad_()
+    out_size = (size - 1) // stride + 1
+    upstream = torch.randn(6, channels[1], out_size, out_size, generator=generator).to(dtype)
     results = []
     for function in (
-        lambda: _StrideOneConv2d.apply(x, weight, padding),
-        lambda: F.conv2d(x, weight, None, 1, padding),
+        _SmallMapConv2d.apply,
+        lambda x, weight, stride, padding, dense: F.conv2d(x, weight, None, stride, 1),
     ):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = function()
-        results.append((out, *torch.autograd.grad(out, [x, weight], upstream.to(out.dtype))))
-    tolerance = {"rtol": 2e-2, "atol": 5e-2} if autocast else {}
+        out = function(x, weight, stride, 1, dense)
+        results.append((out, *torch.autograd.grad(out, [x, weight], upstream)))
+    (out, grad_x, _), _ = results
+    assert grad_x.is_contiguous(memory_format=memory_format)
+    if dense:
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    tolerance = {"rtol": 2e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     for ours, theirs in zip(*results):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def test_rows_batch_norm_over_wide_rows_matches_batch_norm():
+    """`_RowsBatchNorm` over rows of 4 or 16 channels (processed as rows of 64) and of 24 (as they are) gives
+    PyTorch's batch norm: output, statistics and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, channels in [(48, 4), (20, 16), (30, 24), (7, 4)]:
+        x = (torch.randn(rows, channels, generator=generator, dtype=torch.float64) * 3 + 1).requires_grad_()
+        weight = torch.rand(channels, generator=generator, dtype=torch.float64).requires_grad_()
+        bias = torch.randn(channels, generator=generator, dtype=torch.float64).requires_grad_()
+        upstream = torch.randn(rows, channels, generator=generator, dtype=torch.float64)
+        out, mean, var = modeling_selfy._RowsBatchNorm.apply(x, weight, bias, 1e-5)
+        theirs = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
+        torch.testing.assert_close(out, theirs)
+        torch.testing.assert_close(mean, x.mean(0))
+        torch.testing.assert_close(var, x.var(0, correction=0))
+        ours_grads = torch.autograd.grad(out, [x, weight, bias], upstream)
+        for ours, reference in zip(ours_grads, torch.autograd.grad(theirs, [x, weight, bias], upstream)):
+            torch.testing.assert_close(ours, reference)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -226,13 +226,14 @@ class SelfyConvNormAct(nn.Module):
         """
         conv = self.conv
         if (
-            conv.stride[-1] > 1
+            (conv.stride[-1] > 1 or x.shape[1] == 1)
             and torch.is_grad_enabled()
             and x.device.type == "cpu"
             and torch.is_autocast_enabled("cpu")
         ):
             # CPU autocast: oneDNN's low-precision backward of the stride-2 convs over these 9x9 and 5x5 maps runs
-            # ~2x slower than fp32 (the extraction's training step under bf16 autocast: 277 -> 221 ms per 4 clips).
+            # ~2x slower than fp32 (the extraction's training step under bf16 autocast: 277 -> 221 ms per 4 clips);
+            # the first conv's matrix products are small.
             with torch.autocast("cpu", enabled=False):
                 return self.forward_planar(x.float())
         weight, bias = conv.weight.squeeze(2), None
@@ -245,8 +246,8 @@ class SelfyConvNormAct(nn.Module):
             if not x.is_contiguous():  # channels-last: flatten in (U, V, C) order, as the memory lies
                 x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
             x = _linear(x.flatten(1), weight.flatten(1), bias)[..., None, None]
-        elif conv.stride[1:] == (1, 1) and bias is None:
-            x = _StrideOneConv2d.apply(x, weight, conv.padding[1])
+        elif bias is None and (dense := _small_map_conv(x, conv)) is not None:
+            x = _SmallMapConv2d.apply(x, weight, conv.stride[1], conv.padding[1], dense)
         else:
             x = F.conv2d(x, weight, bias, conv.stride[1:], conv.padding[1:])
         if fold_norm:
@@ -353,10 +354,17 @@ class _OneDnnLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+            grad_x = _onednn_linear(grad, weight.t().contiguous())
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(x)
         return grad_x, grad_weight
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` through oneDNN's matrix product for contiguous fp32 CPU tensors, `F.linear` otherwise."""
+    if x.dtype == weight.dtype == torch.float32 and _onednn_available(x):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
 
 
 def _conv1x3x3(
@@ -416,42 +424,117 @@ class StssTransform(nn.Module):
         return self.correlation(self.downsample(x))
 
 
-class _StrideOneConv2d(torch.autograd.Function):
-    """`F.conv2d(x, weight, padding=padding)` (stride 1, square kernel) whose input gradient is computed as the
-    forward conv of the gradient with the flipped, transposed kernel: the same numbers, ~2.3x faster on CPU than
-    PyTorch's convolution backward for the first extraction conv (1 -> 4 channels over 9x9 maps)."""
+class _SmallMapConv2d(torch.autograd.Function):
+    """`F.conv2d(x, weight, stride=stride, padding=padding)` over maps so small that the conv is fastest as a matrix
+    product with its dense operator (`_conv_operator`): `H * W / 9` times the conv's multiply-adds, but at
+    matrix-product speed, where oneDNN's kernels for so few channels crawl. The input gradient always goes through
+    the operator (the extraction's 4 -> 16 conv over 9x9 maps, forward + backward: 60 -> 42 ms per 4 clips on an
+    Intel Xeon; input gradient 29 -> 18 ms on an AMD EPYC); with `dense`, the forward and the weight gradient too
+    (the 1 -> 4 conv: 94 -> ~16 ms), and the output comes channels-last, as the batch norm after it reads it.
+    Otherwise the output and the gradients keep the layout of `x`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dense: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        return F.conv2d(x, weight, None, 1, padding)
+        ctx.stride, ctx.padding, ctx.dense = stride, padding, dense
+        if not dense:
+            return F.conv2d(x, weight, None, stride, padding)
+        operator = _conv_operator(
+            weight, x.shape[1:], stride, padding, _is_channels_last(x), out_channels_last=True
+        )
+        rows = torch.mm(_flat_maps(x, _is_channels_last(x)), operator)
+        return _unflat_maps(rows, _conv_output_shape(x.shape, weight, stride, padding), channels_last=True)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        padding = ctx.padding
-        # Under autocast the forward ran in the autocast dtype, which `grad` carries.
-        x_, weight_ = x.to(grad.dtype), weight.to(grad.dtype)
+        stride, padding, dense = ctx.stride, ctx.padding, ctx.dense
+        x_layout = _is_channels_last(x)
+        out_layout = True if dense else x_layout
+        grad = grad.contiguous(memory_format=torch.channels_last if out_layout else torch.contiguous_format)
+        grad_rows = _flat_maps(grad, out_layout)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            flipped = weight_.flip(-2, -1).transpose(0, 1)
-            grad_x = F.conv2d(grad, flipped, None, 1, weight.shape[-1] - 1 - padding).to(x.dtype)
-        if ctx.needs_input_grad[1]:
+            operator = _conv_operator(weight, x.shape[1:], stride, padding, x_layout, out_layout)
+            grad_x = _unflat_maps(_onednn_linear(grad_rows, operator), x.shape, x_layout)
+        if ctx.needs_input_grad[1] and dense:
+            # The operator is linear in the weight: its gradient, `x_rows^T @ grad_rows` (summed in at least fp32),
+            # goes back to the weight through the (tiny) conv that builds the operator.
+            compute = torch.promote_types(x.dtype, torch.float32)
+            operator_grad = torch.mm(_flat_maps(x, x_layout).t().to(compute), grad_rows.to(compute))
+            with torch.enable_grad():
+                weight_ = weight.detach().to(compute).requires_grad_()
+                operator = _conv_operator(weight_, x.shape[1:], stride, padding, x_layout, out_layout)
+                grad_weight = torch.autograd.grad(operator, weight_, operator_grad)[0].to(weight.dtype)
+        elif ctx.needs_input_grad[1]:
             grad_weight = torch.ops.aten.convolution_backward(
                 grad,
-                x_,
-                weight_,
+                x,
+                weight,
                 None,
-                [1, 1],
-                [padding, padding],
+                [stride] * 2,
+                [padding] * 2,
                 [1, 1],
                 False,
                 [0, 0],
                 1,
                 [False, True, False],
-            )[1].to(weight.dtype)
-        return grad_x, grad_weight, None
+            )[1]
+        return grad_x, grad_weight, None, None, None
+
+
+def _small_map_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool | None:
+    """How `_SmallMapConv2d` trains the (1, k, k) `conv` over `(N, C, H, W)` maps `x`: `dense` for one-channel maps,
+    through the input gradient alone for up to 8 channels (oneDNN's backward for the 16-channel 5x5 maps of the
+    next conv is as fast as the matrix product), None where it may not run: not beyond 9x9 maps (the operator's
+    extra multiply-adds outgrow what it saves) and only in eager CPU autograd, in the dtype of `x`."""
+    if x.shape[1] > 8 or x.shape[-2] * x.shape[-1] > 81 or conv.weight.dtype != x.dtype:
+        return None
+    if not (torch.is_grad_enabled() and _onednn_available(x) and _eager(x)):
+        return None
+    return x.shape[1] == 1
+
+
+def _conv_output_shape(shape: torch.Size, weight: torch.Tensor, stride: int, padding: int) -> tuple[int, ...]:
+    batch, _, height, width = shape
+    size = weight.shape[-1]
+    return (batch, weight.shape[0], *((n + 2 * padding - size) // stride + 1 for n in (height, width)))
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _flat_maps(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """`(N, C, H, W)` as `(N, C*H*W)` rows, in `(H, W, C)` order if `channels_last`, `(C, H, W)` order otherwise."""
+    return (x.permute(0, 2, 3, 1) if channels_last else x).reshape(x.shape[0], -1)
+
+
+def _unflat_maps(rows: torch.Tensor, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+    """The inverse of `_flat_maps`: a view of `rows` as `(N, C, H, W)` maps of that memory layout."""
+    batch, channels, height, width = shape
+    if channels_last:
+        return rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    return rows.view(shape)
+
+
+def _conv_operator(
+    weight: torch.Tensor,
+    in_shape: torch.Size,
+    stride: int,
+    padding: int,
+    in_channels_last: bool,
+    out_channels_last: bool,
+) -> torch.Tensor:
+    """The conv over `(C, H, W)` maps as the `(C*H*W, C_out*H_out*W_out)` matrix taking `_flat_maps` rows (in the
+    given orders) to the output's: the conv of each unit input map."""
+    size = in_shape.numel()
+    basis = torch.eye(size, dtype=weight.dtype, device=weight.device)
+    basis = _unflat_maps(basis, (size, *in_shape), in_channels_last)
+    return _flat_maps(F.conv2d(basis, weight, None, stride, padding), out_channels_last).contiguous()
 
 
 class _ChannelsLast(torch.autograd.Function):
@@ -471,19 +554,26 @@ class _ChannelsLast(torch.autograd.Function):
 class _RowsBatchNorm(torch.autograd.Function):
     """Training-mode batch norm over the rows of `(M, C)`: returns the output and the batch mean and (biased)
     variance. Two-pass statistics (mean, then the centred squares) with PyTorch's pairwise column sums, in at least
-    fp32, so it is as accurate as NCHW batch norm where PyTorch's channels-last kernel is not."""
+    fp32, so it is as accurate as NCHW batch norm where PyTorch's channels-last kernel is not. Rows of fewer than 64
+    channels are processed as rows of 64 values (`_wide_rows`): PyTorch's elementwise and column-sum kernels run
+    2-3x faster over 64 columns than over 4 or 16."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         compute = torch.promote_types(x.dtype, torch.float32)
         rows = x.shape[0]
-        centered = x.to(compute)
-        mean = centered.sum(0).div_(rows)
-        centered = centered - mean
-        var = centered.square().sum(0).div_(rows)
+        centered, repeats = _wide_rows(x.to(compute))
+        mean = _fold(centered.sum(0), repeats).div_(rows)
+        centered = centered - _tile(mean, repeats)
+        var = _fold(centered.square().sum(0), repeats).div_(rows)
         invstd = (var + eps).rsqrt_()
         scale = weight.to(compute) * invstd
-        out = torch.addcmul(bias.to(compute), centered, scale).to(x.dtype)
+        # Written into an `(M, C)` tensor, not returned as a view of the wide one: the ReLU after runs in place.
+        out = centered.new_empty(x.shape)
+        torch.addcmul(
+            _tile(bias.to(compute), repeats), centered, _tile(scale, repeats), out=out.view_as(centered)
+        )
+        out = out.to(x.dtype)
         ctx.save_for_backward(centered, invstd, scale)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         ctx.mark_non_differentiable(mean, var)
@@ -493,15 +583,33 @@ class _RowsBatchNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, _grad_mean: None, _grad_var: None):
         centered, invstd, scale = ctx.saved_tensors
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad = grad.to(centered.dtype)
-        rows = grad.shape[0]
-        sum_grad = grad.sum(0)
-        sum_grad_centered = (grad * centered).sum(0)
+        shape, rows = grad.shape, grad.shape[0]
+        grad, repeats = _wide_rows(grad.to(centered.dtype).contiguous())
+        sum_grad = _fold(grad.sum(0), repeats)
+        sum_grad_centered = _fold((grad * centered).sum(0), repeats)
         # grad_x = scale * (grad - mean(grad) - centered * invstd^2 * mean(grad * centered)), in two passes
-        grad_x = torch.addcmul(-sum_grad / rows * scale, grad, scale)
-        grad_x.addcmul_(centered, -scale * invstd * invstd * sum_grad_centered / rows)
+        grad_x = torch.addcmul(_tile(-sum_grad / rows * scale, repeats), grad, _tile(scale, repeats))
+        grad_x.addcmul_(centered, _tile(-scale * invstd * invstd * sum_grad_centered / rows, repeats))
         grad_weight = (sum_grad_centered * invstd).to(weight_dtype)
-        return grad_x.to(x_dtype), grad_weight, sum_grad.to(bias_dtype), None
+        return grad_x.to(x_dtype).view(shape), grad_weight, sum_grad.to(bias_dtype), None
+
+
+def _wide_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Contiguous `(M, C)` rows as `(M * C / width, width)` with `width` 64 where `C` divides it (and the element
+    count), else as they are; and how many times each channel repeats across a wide row."""
+    channels = x.shape[1]
+    width = 64 if 64 % channels == 0 and x.numel() % 64 == 0 else channels
+    return x.view(-1, width), width // channels
+
+
+def _tile(vector: torch.Tensor, repeats: int) -> torch.Tensor:
+    """A per-channel vector laid across a wide row."""
+    return vector.repeat(repeats)
+
+
+def _fold(vector: torch.Tensor, repeats: int) -> torch.Tensor:
+    """Per-column sums of wide rows, summed per channel."""
+    return vector.view(repeats, -1).sum(0)
 
 
 def _rows_batch_norm(rows: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
