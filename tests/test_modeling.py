@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForVideoClassification
 
 from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy
 from selfy_hf.flops import count_complexity
-from selfy_hf.modeling_selfy import StssExtractor, _SmallMapConv2d, temporal_shift
+from selfy_hf.modeling_selfy import StssExtractor, StssIntegrator, _SmallMapConv2d, temporal_shift
 from selfy_hf.training import enable_activation_checkpointing
 
 TINY = {"num_labels": 5}
@@ -177,6 +177,44 @@ def test_conv_extraction_is_the_official_conv3d_stack(training, window):
             torch.testing.assert_close(a, b)
         for a, b in zip(extractor.buffers(), official.buffers()):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("size", [14, 13])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_projection_added_in_place_is_the_official_upsampling(size, momentum):
+    """In training, the integration's upsampling projection (strided 1x1x1 ConvTranspose3d + BN with batch
+    statistics), added to the block's input at the even positions with the BN's shift everywhere, gives the
+    official ops' output, gradients and running statistics over two steps (float64; even and odd map sizes)."""
+    torch.manual_seed(0)
+    config = SelfyConfig.from_preset("selfynet-tsm-r18")
+    ours = StssIntegrator(config, 8).double().train()
+    ours.project.bn.momentum = momentum
+    _randomise_batch_norms(ours)
+    official = copy.deepcopy(ours)
+    frames, half = 2, (size + 1) // 2
+    for _ in range(2):
+        features = torch.randn(3, 64, frames, half, half, dtype=torch.float64, requires_grad=True)
+        residual = torch.randn(3 * frames, 8, size, size, dtype=torch.float64, requires_grad=True)
+        out = ours._add_upsampled_projection(features.transpose(1, 2).flatten(0, 1), residual)
+        projected = official.project(features, output_size=(frames, size, size))
+        expected = F.relu(residual + projected.transpose(1, 2).reshape(residual.shape))
+        torch.testing.assert_close(out, expected)
+        upstream = torch.randn_like(out)
+        inputs = [features, residual, *ours.project.parameters()]
+        theirs = [features, residual, *official.project.parameters()]
+        for a, b in zip(
+            torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, theirs, upstream)
+        ):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(ours.project.buffers(), official.project.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_integrator_takes_the_in_place_projection(monkeypatch):
+    calls = _count_inference_fast_paths(monkeypatch)
+    model = tiny_model(selfy_downsample=True).train()
+    model(clip(size=64), labels=torch.tensor([1, 2])).loss.backward()
+    assert calls["projection"] == 1
 
 
 def _count_inference_fast_paths(monkeypatch) -> dict[str, int]:
