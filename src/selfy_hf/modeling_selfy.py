@@ -247,12 +247,25 @@ class SelfyConvNormAct(nn.Module):
                 x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
             x = _linear(x.flatten(1), weight.flatten(1), bias)[..., None, None]
         elif bias is None and (dense := _small_map_conv(x, conv)) is not None:
-            x = _SmallMapConv2d.apply(x, weight, conv.stride[1], conv.padding[1], dense)
+            if dense:
+                return self._dense_conv_batch_norm(x, weight)
+            x = _SmallMapConv2d.apply(x, weight, conv.stride[1], conv.padding[1])
         else:
             x = F.conv2d(x, weight, bias, conv.stride[1:], conv.padding[1:])
         if fold_norm:
             return self._activate(x)
         return self._normalize_planar(x)
+
+    def _dense_conv_batch_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Training: conv + BN (batch statistics) + activation through `_DenseConvBatchNorm`, with the running
+        statistics updated as the BN would; channels-last out."""
+        norm, conv = self.bn, self.conv
+        out, mean, var = _DenseConvBatchNorm.apply(
+            x, weight, norm.weight, norm.bias, conv.stride[-1], conv.padding[-1], norm.eps, self.activation
+        )
+        if (factor := _running_statistics_factor(norm)) is not None:
+            _blend_running_statistics(norm, mean, var, out.numel() // out.shape[1], factor)
+        return out
 
     def forward_grouped_onednn(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """Eval-mode CPU inference of a (1, k, k) Conv3d applied alike to `groups` stacks of channels of the
@@ -444,51 +457,35 @@ class StssTransform(nn.Module):
 
 
 class _SmallMapConv2d(torch.autograd.Function):
-    """`F.conv2d(x, weight, stride=stride, padding=padding)` over maps so small that the conv is fastest as a matrix
-    product with its dense operator (`_conv_operator`): `H * W / 9` times the conv's multiply-adds, but at
-    matrix-product speed, where oneDNN's kernels for so few channels crawl. The input gradient always goes through
-    the operator (the extraction's 4 -> 16 conv over 9x9 maps, forward + backward: 60 -> 42 ms per 4 clips on an
-    Intel Xeon; input gradient 29 -> 18 ms on an AMD EPYC); with `dense`, the forward and the weight gradient too
-    (the 1 -> 4 conv: 94 -> ~16 ms), and the output comes channels-last, as the batch norm after it reads it.
-    Otherwise the output and the gradients keep the layout of `x`."""
+    """`F.conv2d(x, weight, stride=stride, padding=padding)` over maps so small that the conv's input gradient is
+    fastest as one matrix product with the conv's dense operator (`_conv_operator`): `H * W / 9` times the conv's
+    multiply-adds, but at matrix-product speed, where oneDNN's backward for so few input channels crawls (the
+    extraction's 4 -> 16 conv over 9x9 maps, forward + backward: 60 -> 42 ms per 4 clips on an Intel Xeon; input
+    gradient 29 -> 18 ms on an AMD EPYC). The weight gradient stays PyTorch's; the gradients keep the layout of
+    `x`."""
 
     @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dense: bool
-    ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding, ctx.dense = stride, padding, dense
-        if not dense:
-            return F.conv2d(x, weight, None, stride, padding)
-        operator = _conv_operator(
-            weight, x.shape[1:], stride, padding, _is_channels_last(x), out_channels_last=True
-        )
-        rows = torch.mm(_flat_maps(x, _is_channels_last(x)), operator)
-        return _unflat_maps(rows, _conv_output_shape(x.shape, weight, stride, padding), channels_last=True)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, None, stride, padding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        stride, padding, dense = ctx.stride, ctx.padding, ctx.dense
-        x_layout = _is_channels_last(x)
-        out_layout = True if dense else x_layout
-        grad = grad.contiguous(memory_format=torch.channels_last if out_layout else torch.contiguous_format)
-        grad_rows = _flat_maps(grad, out_layout)
+        stride, padding = ctx.stride, ctx.padding
+        channels_last = _is_channels_last(x)
+        grad = grad.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            operator = _conv_operator(weight, x.shape[1:], stride, padding, x_layout, out_layout)
-            grad_x = _unflat_maps(_onednn_linear(grad_rows, operator), x.shape, x_layout)
-        if ctx.needs_input_grad[1] and dense:
-            # The operator is linear in the weight: its gradient, `x_rows^T @ grad_rows` (summed in at least fp32),
-            # goes back to the weight through the (tiny) conv that builds the operator.
-            compute = torch.promote_types(x.dtype, torch.float32)
-            operator_grad = torch.mm(_flat_maps(x, x_layout).t().to(compute), grad_rows.to(compute))
-            with torch.enable_grad():
-                weight_ = weight.detach().to(compute).requires_grad_()
-                operator = _conv_operator(weight_, x.shape[1:], stride, padding, x_layout, out_layout)
-                grad_weight = torch.autograd.grad(operator, weight_, operator_grad)[0].to(weight.dtype)
-        elif ctx.needs_input_grad[1]:
+            operator = _conv_operator(weight, x.shape[1:], stride, padding, channels_last, channels_last)
+            grad_x = _unflat_maps(
+                _onednn_linear(_flat_maps(grad, channels_last), operator), x.shape, channels_last
+            )
+        if ctx.needs_input_grad[1]:
             grad_weight = torch.ops.aten.convolution_backward(
                 grad,
                 x,
@@ -502,14 +499,98 @@ class _SmallMapConv2d(torch.autograd.Function):
                 1,
                 [False, True, False],
             )[1]
-        return grad_x, grad_weight, None, None, None
+        return grad_x, grad_weight, None, None
+
+
+class _DenseConvBatchNorm(torch.autograd.Function):
+    """Training-mode conv + BN (batch statistics) + optional ReLU of the first extraction layer (single-channel
+    maps of at most 9x9), as matrix products with the conv's dense operator `D` and no pass over the output but the
+    one that writes it. The conv output `z = X @ D` is never formed: its per-channel mean and variance follow from
+    the input's column means and covariance `S` (the law of total variance over the output positions, no
+    cancellation), so the forward is oneDNN's matrix product + bias + ReLU with the BN folded into `D`; the backward
+    gets every sum it needs over `z` from `X^T @ grad` and `S` (81 x 324 and 81 x 81 matrices). Forward + backward of
+    the layer: ~64 -> ~25 ms per 4 clips (Intel Xeon). Returns the channels-last output and the batch mean and
+    (biased) variance."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, stride: int, padding: int, eps: float, activation: bool):
+        rows = x.reshape(x.shape[0], -1).contiguous()
+        operator = _conv_operator(weight, x.shape[1:], stride, padding, False, True)
+        out_shape = _conv_output_shape(x.shape, weight, stride, padding)
+        positions = out_shape[2] * out_shape[3]
+        input_mean = rows.sum(0) / rows.shape[0]
+        centered = rows - input_mean
+        covariance = centered.t().mm(centered) / rows.shape[0]
+        column_mean = input_mean @ operator  # per output column (position, channel)
+        mean = _per_channel(column_mean, positions) / positions
+        deviation = column_mean - mean.repeat(positions)
+        column_var = ((covariance @ operator) * operator).sum(0)
+        var = _per_channel(column_var + deviation.square(), positions) / positions
+        invstd = torch.rsqrt(var + eps)
+        scale = gamma * invstd
+        shift = beta - mean * scale
+        folded = (operator * scale.repeat(positions)).t().contiguous()
+        post_op = "relu" if activation else "none"
+        if _onednn_available(rows) and rows.dtype == torch.float32:
+            out = torch.ops.mkldnn._linear_pointwise(rows, folded, shift.repeat(positions), post_op, [], "")
+        else:
+            out = torch.addmm(shift.repeat(positions), rows, folded.t())
+            out = out.relu_() if activation else out
+        ctx.save_for_backward(x, weight, centered, input_mean, covariance, deviation, invstd, scale, out)
+        ctx.conv = (stride, padding)
+        ctx.activation = activation
+        ctx.mark_non_differentiable(mean, var)
+        return _unflat_maps(out, out_shape, channels_last=True), mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, weight, centered, input_mean, covariance, deviation, invstd, scale, out = ctx.saved_tensors
+        stride, padding = ctx.conv
+        count, positions = out.shape[0], deviation.shape[0] // scale.shape[0]
+        grad = _flat_maps(grad.contiguous(memory_format=torch.channels_last), channels_last=True)
+        if ctx.activation:
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        operator = _conv_operator(weight, x.shape[1:], stride, padding, False, True)
+        column_grad = grad.sum(0)
+        centered_input_grad = centered.t().mm(grad)  # X_c^T @ grad
+        # sum(grad * (z - mean)) per channel: sum(grad * x_hat) / invstd
+        grad_gamma = (
+            _per_channel((centered_input_grad * operator).sum(0) + deviation * column_grad, positions)
+            * invstd
+        )
+        grad_beta = _per_channel(column_grad, positions)
+        # BN backward: grad_z = scale * grad + alpha + beta_z * (z - mean), per channel
+        total = count * positions
+        alpha = (-scale * grad_beta / total).repeat(positions)
+        beta_z = (-scale * grad_gamma * invstd / total).repeat(positions)
+        scale_j = scale.repeat(positions)
+        # grad_x = grad_z @ D^T, with z - mean = X_c @ D + deviation
+        grad_x = torch.addmm((alpha + deviation * beta_z) @ operator.t(), grad, (operator * scale_j).t())
+        grad_x.addmm_(centered, (operator * beta_z) @ operator.t())
+        # The operator is linear in the weight: X^T @ grad_z goes back to the weight through the conv building it.
+        rows = centered.shape[0]
+        operator_grad = (centered_input_grad + torch.outer(input_mean, column_grad)) * scale_j
+        operator_grad += rows * torch.outer(input_mean, alpha)
+        operator_grad += rows * (covariance @ operator + torch.outer(input_mean, deviation)) * beta_z
+        with torch.enable_grad():
+            weight_ = weight.detach().requires_grad_()
+            built = _conv_operator(weight_, x.shape[1:], stride, padding, False, True)
+            grad_weight = torch.autograd.grad(built, weight_, operator_grad)[0]
+        return grad_x.view(x.shape), grad_weight, grad_gamma, grad_beta, None, None, None, None
+
+
+def _per_channel(columns: torch.Tensor, positions: int) -> torch.Tensor:
+    """Sum `(positions * C,)` values laid out position-major (channels-last) per channel."""
+    return columns.view(positions, -1).sum(0)
 
 
 def _small_map_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool | None:
-    """How `_SmallMapConv2d` trains the (1, k, k) `conv` over `(N, C, H, W)` maps `x`: `dense` for one-channel maps,
-    through the input gradient alone for up to 8 channels (oneDNN's backward for the 16-channel 5x5 maps of the
-    next conv is as fast as the matrix product), None where it may not run: beyond `_small_maps`, and outside
-    eager CPU autograd in the dtype of `x`."""
+    """How the (1, k, k) `conv` over `(N, C, H, W)` maps `x` trains through its dense operator: True for
+    one-channel maps (`_DenseConvBatchNorm`, conv and BN together), False for up to 8 channels (`_SmallMapConv2d`,
+    the input gradient; oneDNN's backward for the 16-channel 5x5 maps of the next conv is as fast as the matrix
+    product), None where neither may run: beyond `_small_maps`, and outside eager CPU autograd in the dtype of
+    `x`."""
     if not _small_maps(x, most_channels=8) or conv.weight.dtype != x.dtype:
         return None
     if not (torch.is_grad_enabled() and _onednn_available(x) and _eager(x)):
