@@ -232,8 +232,9 @@ class SelfyConvNormAct(nn.Module):
             and torch.is_autocast_enabled("cpu")
         ):
             # CPU autocast: oneDNN's low-precision backward of the stride-2 convs over these 9x9 and 5x5 maps runs
-            # ~2x slower than fp32 (the extraction's training step under bf16 autocast: 277 -> 221 ms per 4 clips);
-            # the first conv's matrix products are small.
+            # ~2x slower than fp32 on an AMD EPYC (the extraction's training step under bf16 autocast: 277 -> 221 ms
+            # per 4 clips) and no faster in a whole bf16 training step on an Intel Xeon with AMX (1145 vs 1150 ms per
+            # 4 clips, SELFYNet-TSM-R18); the first conv's matrix products are small.
             with torch.autocast("cpu", enabled=False):
                 return self.forward_planar(x.float())
         weight, bias = conv.weight.squeeze(2), None
