@@ -517,6 +517,25 @@ def test_dense_conv_batch_norm_is_conv_batch_norm_relu(size, stride, padding, ac
         torch.testing.assert_close(a, b)
 
 
+def test_bfloat16_first_extraction_layer_trains_through_the_input_gradient_path_alone():
+    """A bf16 model's first extraction layer keeps PyTorch's batch norm (moment-based statistics need fp32) and
+    still gives PyTorch's conv + BN + ReLU."""
+    torch.manual_seed(0)
+    layer = modeling_selfy.SelfyConvNormAct(modeling_selfy._conv1x3x3(1, 4), 4).to(torch.bfloat16).train()
+    assert modeling_selfy._small_map_conv(torch.zeros(2, 1, 9, 9, dtype=torch.bfloat16), layer.conv) is False
+    official = copy.deepcopy(layer)
+    x = torch.rand(20, 1, 9, 9).to(torch.bfloat16).requires_grad_()
+    out = layer.forward_planar(x)
+    expected = F.relu(official.bn(official.conv(x.unsqueeze(2))).squeeze(2))
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=5e-2)
+    upstream = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, [x, *layer.parameters()], upstream),
+        torch.autograd.grad(expected, [x, *official.parameters()], upstream),
+    ):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=1e-1)
+
+
 def test_dense_conv_batch_norm_float32_is_as_accurate_as_pytorch():
     """In float32, on similarity-like maps (values near 1, a small spread: the BN's mean is ~70 standard deviations
     from zero), the moment-based statistics and gradients stay as close to float64 as PyTorch's conv + batch norm.

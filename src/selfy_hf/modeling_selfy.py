@@ -588,15 +588,15 @@ def _per_channel(columns: torch.Tensor, positions: int) -> torch.Tensor:
 
 def _small_map_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool | None:
     """How the (1, k, k) `conv` over `(N, C, H, W)` maps `x` trains through its dense operator: True for
-    one-channel maps (`_DenseConvBatchNorm`, conv and BN together), False for up to 8 channels (`_SmallMapConv2d`,
-    the input gradient; oneDNN's backward for the 16-channel 5x5 maps of the next conv is as fast as the matrix
-    product), None where neither may run: beyond `_small_maps`, and outside eager CPU autograd in the dtype of
-    `x`."""
+    one-channel fp32/fp64 maps (`_DenseConvBatchNorm`, conv and BN together, whose statistics come from input moments
+    that half precision would not hold), False for up to 8 channels (`_SmallMapConv2d`, the input gradient;
+    oneDNN's backward for the 16-channel 5x5 maps of the next conv is as fast as the matrix product), None where
+    neither may run: beyond `_small_maps`, and outside eager CPU autograd in the dtype of `x`."""
     if not _small_maps(x, most_channels=8) or conv.weight.dtype != x.dtype:
         return None
     if not (torch.is_grad_enabled() and _onednn_available(x) and _eager(x)):
         return None
-    return _small_maps(x, most_channels=1)
+    return _small_maps(x, most_channels=1) and x.dtype in (torch.float32, torch.float64)
 
 
 def _small_maps(x: torch.Tensor, most_channels: int) -> bool:
