@@ -510,8 +510,8 @@ class _DenseConvBatchNorm(torch.autograd.Function):
     the input's column means and covariance `S` (the law of total variance over the output positions, no
     cancellation), so the forward is oneDNN's matrix product + bias + ReLU with the BN folded into `D`; the backward
     gets every sum it needs over `z` from `X^T @ grad` and `S` (81 x 324 and 81 x 81 matrices). Forward + backward of
-    the layer: ~64 -> ~25 ms per 4 clips (Intel Xeon). Returns the channels-last output and the batch mean and
-    (biased) variance."""
+    the layer: ~75 -> ~42 ms per 4 clips (Intel Xeon; before, with its conversion to channels-last). Returns the
+    channels-last output and the batch mean and (biased) variance."""
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, stride: int, padding: int, eps: float, activation: bool):
@@ -591,10 +591,13 @@ def _small_map_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool | None:
     one-channel fp32/fp64 maps (`_DenseConvBatchNorm`, conv and BN together, whose statistics come from input moments
     that half precision would not hold), False for up to 8 channels (`_SmallMapConv2d`, the input gradient;
     oneDNN's backward for the 16-channel 5x5 maps of the next conv is as fast as the matrix product), None where
-    neither may run: beyond `_small_maps`, and outside eager CPU autograd in the dtype of `x`."""
+    neither may run: beyond `_small_maps`, and outside eager CPU autograd in the dtype of `x` (not under autocast,
+    which `forward_planar` turns off for these convs)."""
     if not _small_maps(x, most_channels=8) or conv.weight.dtype != x.dtype:
         return None
-    if not (torch.is_grad_enabled() and _onednn_available(x) and _eager(x)):
+    if not (torch.is_grad_enabled() and _onednn_available(x) and _eager(x)) or torch.is_autocast_enabled(
+        "cpu"
+    ):
         return None
     return _small_maps(x, most_channels=1) and x.dtype in (torch.float32, torch.float64)
 
