@@ -538,7 +538,9 @@ class _DenseConvBatchNorm(torch.autograd.Function):
         else:
             out = torch.addmm(shift.repeat(positions), rows, folded.t())
             out = out.relu_() if activation else out
-        ctx.save_for_backward(x, weight, centered, input_mean, covariance, deviation, invstd, scale, out)
+        ctx.save_for_backward(
+            x, weight, operator, centered, input_mean, covariance, deviation, invstd, scale, out
+        )
         ctx.conv = (stride, padding)
         ctx.activation = activation
         ctx.mark_non_differentiable(mean, var)
@@ -547,13 +549,14 @@ class _DenseConvBatchNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_mean, _grad_var):
-        x, weight, centered, input_mean, covariance, deviation, invstd, scale, out = ctx.saved_tensors
+        x, weight, operator, centered, input_mean, covariance, deviation, invstd, scale, out = (
+            ctx.saved_tensors
+        )
         stride, padding = ctx.conv
         count, positions = out.shape[0], deviation.shape[0] // scale.shape[0]
         grad = _flat_maps(grad.contiguous(memory_format=torch.channels_last), channels_last=True)
         if ctx.activation:
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        operator = _conv_operator(weight, x.shape[1:], stride, padding, False, True)
         column_grad = grad.sum(0)
         centered_input_grad = centered.t().mm(grad)  # X_c^T @ grad
         # sum(grad * (z - mean)) per channel: sum(grad * x_hat) / invstd
@@ -903,25 +906,25 @@ class StssIntegrator(nn.Module):
         # others to one value per channel: add the projection to the input at the even positions and that value
         # everywhere, with no full-size upsampled tensor, conv or BN pass (training: 30 -> ~10 ms per 4 clips with
         # the backward). `features`: `(B*T, C, X, Y)`, any memory layout.
+        weight, shift = self.project.conv.weight.flatten(1), None
         if self.project.folds_norm():
-            weight, shift = self.project._folded(self.project.conv.weight.flatten(1), channel_dim=1)
-            projected = torch.matmul(features.permute(0, 2, 3, 1), weight.to(features.dtype))
-        else:
-            projected, shift = self._batch_normalized_projection(features, residual.shape)
+            weight, shift = self.project._folded(weight, channel_dim=1)
+        projected = torch.matmul(features.permute(0, 2, 3, 1), weight.to(features.dtype))
+        if shift is None:
+            scale, shift = self._projection_batch_norm(projected, residual.shape)
+            projected = projected * scale.to(projected.dtype)
         out = residual + shift[:, None, None].to(residual.dtype)
         even = out[..., ::2, ::2]
         even += projected.permute(0, 3, 1, 2)
         return out.relu_()
 
-    def _batch_normalized_projection(
-        self, features: torch.Tensor, out_shape: torch.Size
+    def _projection_batch_norm(
+        self, projected: torch.Tensor, out_shape: torch.Size
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projection's `(B*T, X, Y, C)` values at the even positions and the shift of its BN (batch
-        statistics over the whole `out_shape` output, zero away from the even positions) folded as scale and
-        shift, with the running statistics updated as the BN would."""
+        """Scale and shift of the projection's BN with batch statistics over the whole `out_shape` output, of which
+        the `(B*T, X, Y, C)` `projected` values are the even positions and zeros the rest; the running statistics
+        updated as the BN would."""
         norm = self.project.bn
-        weight = self.project.conv.weight.flatten(1)
-        projected = torch.matmul(features.permute(0, 2, 3, 1), weight.to(features.dtype))
         rows = projected.reshape(-1, projected.shape[-1])
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
         count = out_shape[0] * out_shape[2] * out_shape[3]
@@ -931,7 +934,7 @@ class StssIntegrator(nn.Module):
         if (factor := _running_statistics_factor(norm)) is not None:
             _blend_running_statistics(norm, mean.detach(), var.detach(), count, factor)
         scale = norm.weight * torch.rsqrt(var + norm.eps)
-        return projected * scale.to(projected.dtype), norm.bias - mean * scale
+        return scale, norm.bias - mean * scale
 
 
 class SelfyBlock(nn.Module):
