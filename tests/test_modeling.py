@@ -466,8 +466,8 @@ def test_stem_max_pool_gives_pytorch_maxima_and_gradients_bit_for_bit(size):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_map_conv_input_gradient_matches_autograd(size, channels, channels_last, dtype):
-    """The stride-2 extraction convs' input gradient as one product with the conv's dense operator gives PyTorch's
-    values and gradients, in the input's memory layout."""
+    """The stride-2 extraction convs with their input gradient computed row by row give PyTorch's values and
+    gradients, in the input's memory layout."""
     generator = torch.Generator().manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(6, channels[0], size, size, generator=generator).to(dtype, memory_format=memory_format)
@@ -487,6 +487,28 @@ def test_small_map_conv_input_gradient_matches_autograd(size, channels, channels
     for ours, theirs in zip(*results):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding",
+    [(9, 3, 1, 1), (9, 3, 2, 1), (6, 3, 2, 1), (5, 3, 2, 0), (7, 1, 2, 0), (5, 3, 1, 2)],
+)
+def test_input_gradient_by_rows_is_conv_input_gradient(size, kernel, stride, padding):
+    """The row-by-row input gradient equals PyTorch's conv input gradient in float64, where kernel rows share input
+    rows (stride 1), skip some (stride 2) or reach none (a 1x1 kernel at stride 2 leaves odd rows at zero)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, size, size, generator=generator, dtype=torch.float64)
+    weight = torch.randn(4, 3, kernel, kernel, generator=generator, dtype=torch.float64)
+    out = F.conv2d(x, weight, None, stride, padding)
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
+    expected = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False]
+    )[0]
+    ours = modeling_selfy._input_gradient_by_rows(grad, weight, x.shape[1:], stride, padding)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, expected)
 
 
 @pytest.mark.parametrize("size, stride, padding", [(9, 1, 1), (7, 2, 1), (5, 1, 0)])

@@ -459,12 +459,10 @@ class StssTransform(nn.Module):
 
 
 class _SmallMapConv2d(torch.autograd.Function):
-    """`F.conv2d(x, weight, stride=stride, padding=padding)` over maps so small that the conv's input gradient is
-    fastest as one matrix product with the conv's dense operator (`_conv_operator`): `H * W / 9` times the conv's
-    multiply-adds, but at matrix-product speed, where oneDNN's backward for so few input channels crawls (the
-    extraction's 4 -> 16 conv over 9x9 maps, forward + backward: 60 -> 42 ms per 4 clips on an Intel Xeon; input
-    gradient 29 -> 18 ms on an AMD EPYC). The weight gradient stays PyTorch's; the gradients keep the layout of
-    `x`."""
+    """`F.conv2d(x, weight, stride=stride, padding=padding)` over maps so small that oneDNN's input gradient crawls
+    (the extraction's stride-2 convs over 9x9 and 5x5 maps; alone, the 4 -> 16 conv's took 53 ms per 4 clips on an
+    Intel Xeon for 0.45 GMAC). The input gradient is computed row by row instead (`_input_gradient_by_rows`); the
+    weight gradient stays PyTorch's. The gradients keep the layout of `x`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
@@ -477,16 +475,12 @@ class _SmallMapConv2d(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         stride, padding = ctx.stride, ctx.padding
-        channels_last = _is_channels_last(x)
-        grad = grad.contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format
-        )
+        grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            operator = _conv_operator(weight, x.shape[1:], stride, padding, channels_last, channels_last)
-            grad_x = _unflat_maps(
-                _onednn_linear(_flat_maps(grad, channels_last), operator), x.shape, channels_last
-            )
+            grad_x = _input_gradient_by_rows(grad, weight, x.shape[1:], stride, padding)
+            if not _is_channels_last(x):
+                grad_x = grad_x.contiguous()
         if ctx.needs_input_grad[1]:
             grad_weight = torch.ops.aten.convolution_backward(
                 grad,
@@ -502,6 +496,60 @@ class _SmallMapConv2d(torch.autograd.Function):
                 [False, True, False],
             )[1]
         return grad_x, grad_weight, None, None
+
+
+def _input_gradient_by_rows(
+    grad: torch.Tensor, weight: torch.Tensor, in_shape: torch.Size, stride: int, padding: int
+) -> torch.Tensor:
+    """The input gradient of a conv over small `(C, H, W)` maps from its channels-last output gradient, row by row:
+    kernel row `ky` takes gradient row `i` to input row `stride * i - padding + ky` through one `(W_out * C_out,
+    W * C)` matrix, so each kernel row is one batched matrix product over strided views of contiguous rows (no
+    im2col, no copies), and a stride-2 conv skips the rows of zeros the whole-map dense operator would multiply
+    (the 4 -> 16 conv: 1.2 GMAC instead of 4.1; 28 -> 19 ms per 4 clips on an Intel Xeon). Half precision sums
+    in fp32: the kernel rows add up in the output. Channels-last out."""
+    batch, (channels, height, width) = grad.shape[0], in_shape
+    compute = torch.promote_types(grad.dtype, torch.float32)
+    grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, grad.shape[2], -1).to(compute)
+    weight = weight.to(compute)
+    out = grad_rows.new_empty(batch, height, width * channels)
+    written: set[int] = set()
+    for row, grad_row, count, operator in _row_operators(weight, in_shape, stride, padding):
+        rows = set(range(row, row + stride * count, stride))
+        fresh = written.isdisjoint(rows)
+        if not fresh:  # rows that only this kernel row reaches start from zero
+            for index in rows - written:
+                out[:, index].zero_()
+        target = out[:, row : row + stride * (count - 1) + 1 : stride].transpose(0, 1)
+        source = grad_rows[:, grad_row : grad_row + count].transpose(0, 1)
+        target.baddbmm_(source, operator.expand(count, -1, -1), beta=0 if fresh else 1)
+        written |= rows
+    for index in set(range(height)) - written:
+        out[:, index].zero_()
+    return out.view(batch, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype)
+
+
+def _row_operators(
+    weight: torch.Tensor, in_shape: torch.Size, stride: int, padding: int
+) -> list[tuple[int, int, int, torch.Tensor]]:
+    """Per kernel row, the rows it links, `(first input row, first gradient row, count)`, and the `(W_out * C_out,
+    W * C)` matrix taking a channels-last gradient row to an input row: a slice of the conv's dense operator; kernel
+    rows reaching no input row are left out. The rows with most links come first."""
+    channels, height, width = in_shape
+    out_height = _conv_output_shape((1, *in_shape), weight, stride, padding)[2]
+    dense = _conv_operator(weight, in_shape, stride, padding, True, True).view(
+        height, width * channels, out_height, -1
+    )
+    groups = []
+    for kernel_row in range(weight.shape[-2]):
+        links = [
+            (stride * i - padding + kernel_row, i)
+            for i in range(out_height)
+            if 0 <= stride * i - padding + kernel_row < height
+        ]
+        if links:
+            (row, grad_row), count = links[0], len(links)
+            groups.append((row, grad_row, count, dense[row, :, grad_row, :].t()))
+    return sorted(groups, key=lambda group: -group[2])
 
 
 class _DenseConvBatchNorm(torch.autograd.Function):
@@ -591,13 +639,13 @@ def _per_channel(columns: torch.Tensor, positions: int) -> torch.Tensor:
 
 
 def _small_map_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool | None:
-    """How the (1, k, k) `conv` over `(N, C, H, W)` maps `x` trains through its dense operator: True for
-    one-channel fp32/fp64 maps (`_DenseConvBatchNorm`, conv and BN together, whose statistics come from input moments
-    that half precision would not hold), False for up to 8 channels (`_SmallMapConv2d`, the input gradient;
-    oneDNN's backward for the 16-channel 5x5 maps of the next conv is as fast as the matrix product), None where
-    neither may run: beyond `_small_maps`, and outside eager CPU autograd in the dtype of `x` (not under autocast,
-    which `forward_planar` turns off for these convs)."""
-    if not _small_maps(x, most_channels=8) or conv.weight.dtype != x.dtype:
+    """How the (1, k, k) `conv` over `(N, C, H, W)` maps `x` trains through matrix products: True for one-channel
+    fp32/fp64 maps (`_DenseConvBatchNorm`, conv and BN together through the dense operator, whose statistics come
+    from input moments that half precision would not hold), False for up to 16 channels (`_SmallMapConv2d`, the
+    input gradient row by row: the 4 -> 16 and 16 -> 64 convs, whose oneDNN input gradients take 28 and 42 ms per 4
+    clips on an Intel Xeon against 19 and 33), None where neither may run: beyond `_small_maps`, and outside eager
+    CPU autograd in the dtype of `x` (not under autocast, which `forward_planar` turns off for these convs)."""
+    if not _small_maps(x, most_channels=16) or conv.weight.dtype != x.dtype:
         return None
     if not (torch.is_grad_enabled() and _onednn_available(x) and _eager(x)) or torch.is_autocast_enabled(
         "cpu"
@@ -804,14 +852,7 @@ class StssExtractor(nn.Module):
 
     def _conv_features(self, maps: torch.Tensor) -> torch.Tensor:
         if all(layer.folds_norm() for layer in self.layers) and (dtype := _onednn_dtype(maps)) is not None:
-            # oneDNN computes in its channel-blocked layout; keeping the maps in it between the layers saves the
-            # reorders to and from NCHW that would otherwise cost as much as the tiny convs themselves.
-            maps = maps.to(dtype)
-            for layer in self.layers:
-                if not (maps.is_mkldnn or _small_maps(maps, most_channels=1)):
-                    maps = maps.to_mkldnn()
-                maps = layer.forward_planar_onednn(maps)
-            return maps.to_dense() if maps.is_mkldnn else maps
+            return self._onednn_features(maps.to(dtype))
         for index, layer in enumerate(self.layers):
             maps = layer.forward_planar(maps)
             if index == 0 and self.training and not maps.is_contiguous(memory_format=torch.channels_last):
@@ -819,6 +860,15 @@ class StssExtractor(nn.Module):
                 # conv gradients are faster; the first layer's 1-channel input gains nothing from it.
                 maps = _ChannelsLast.apply(maps)
         return maps
+
+    def _onednn_features(self, maps: torch.Tensor) -> torch.Tensor:
+        # oneDNN computes in its channel-blocked layout; keeping the maps in it between the layers saves the reorders
+        # to and from NCHW that would otherwise cost as much as the tiny convs themselves.
+        for layer in self.layers:
+            if not (maps.is_mkldnn or _small_maps(maps, most_channels=1)):
+                maps = maps.to_mkldnn()
+            maps = layer.forward_planar_onednn(maps)
+        return maps.to_dense() if maps.is_mkldnn else maps
 
     def _soft_argmax(self, scores: torch.Tensor) -> torch.Tensor:
         radius = self.window // 2
