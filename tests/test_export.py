@@ -205,6 +205,9 @@ def test_benchmark_model_rows_and_markdown():
     assert {r["baseline"] for r in ratios} == {"tsm-tiny"}
     train_ratio = next(r for r in ratios if r["variant"] == "train_eager")
     assert train_ratio["target"] == 1.3 and train_ratio["flops_ratio"] > 1
+    selfy, tsm = (next(r for r in rows if r.variant == "train_eager" and r.model == m) for m in presets[::-1])
+    assert train_ratio["extra_ms_per_clip"] == pytest.approx(1e3 * (selfy.seconds - tsm.seconds))
+    assert train_ratio["budget_ms_per_clip"] == pytest.approx(300 * tsm.seconds)
     json.dumps([r.as_dict() for r in rows] + ratios)
     peaks = {"matmul_fp32": 100.0, "conv3x3_fp32": 200.0, "matmul_amp": 300.0, "conv3x3_amp": 400.0}
     markdown = format_model_benchmark(rows, peaks)
