@@ -152,7 +152,7 @@ def _randomise_batch_norms(model: torch.nn.Module) -> None:
 def test_conv_extraction_is_the_official_conv3d_stack(training, window):
     """The planar fast paths (2D convs over the folded L axis, BN folded into the convs at inference, the last conv as
     a matrix product, in training the first layer through its dense operator with moment-based BN statistics and
-    the second conv's dense-operator input gradient) compute the official stack: Conv3d (1, 3, 3) + BN3d + ReLU over
+    the stride-2 convs' row-by-row input gradients) compute the official stack: Conv3d (1, 3, 3) + BN3d + ReLU over
     each position's (L, U, V) volume. In float64, so that any difference is in the formulation."""
     torch.manual_seed(0)
     config = SelfyConfig.from_preset("selfynet-tsm-r18", selfy_window_size=window)

@@ -510,7 +510,7 @@ def _input_gradient_by_rows(
     in fp32: the kernel rows add up in the output. Channels-last out."""
     batch, (channels, height, width) = grad.shape[0], in_shape
     compute = torch.promote_types(grad.dtype, torch.float32)
-    grad_rows = grad.permute(0, 2, 3, 1).reshape(batch, grad.shape[2], -1).to(compute)
+    grad_rows = _flat_maps(grad, channels_last=True).view(batch, grad.shape[2], -1).to(compute)
     weight = weight.to(compute)
     out = grad_rows.new_empty(batch, height, width * channels)
     written: set[int] = set()
@@ -526,7 +526,7 @@ def _input_gradient_by_rows(
         written |= rows
     for index in set(range(height)) - written:
         out[:, index].zero_()
-    return out.view(batch, height, width, channels).permute(0, 3, 1, 2).to(grad.dtype)
+    return _unflat_maps(out, (batch, *in_shape), channels_last=True).to(grad.dtype)
 
 
 def _row_operators(
@@ -623,10 +623,9 @@ class _DenseConvBatchNorm(torch.autograd.Function):
         grad_x = _onednn_linear(grad, operator * scale_j, (alpha + deviation * beta_z) @ operator.t())
         grad_x.addmm_(centered, (operator * beta_z) @ operator.t())
         # The operator is linear in the weight: X^T @ grad_z goes back to the weight through the conv building it.
-        rows = centered.shape[0]
         operator_grad = (centered_input_grad + torch.outer(input_mean, column_grad)) * scale_j
-        operator_grad += rows * torch.outer(input_mean, alpha)
-        operator_grad += rows * (covariance @ operator + torch.outer(input_mean, deviation)) * beta_z
+        operator_grad += count * torch.outer(input_mean, alpha)
+        operator_grad += count * (covariance @ operator + torch.outer(input_mean, deviation)) * beta_z
         with torch.enable_grad():
             weight_ = weight.detach().requires_grad_()
             built = _conv_operator(weight_, x.shape[1:], stride, padding, False, True)
@@ -656,8 +655,9 @@ def _small_map_conv(x: torch.Tensor, conv: nn.Conv3d) -> bool | None:
 
 
 def _small_maps(x: torch.Tensor, most_channels: int) -> bool:
-    """Whether `(N, C, H, W)` maps are small enough for a conv over them to run through its dense operator:
-    at most 9x9 (beyond, the operator's extra multiply-adds outgrow what it saves) and `most_channels`."""
+    """Whether `(N, C, H, W)` maps are small enough for a conv over them to run through matrix products of its
+    dense operator (or of its rows): at most 9x9 (beyond, the extra multiply-adds outgrow what they save) and
+    `most_channels`."""
     return x.shape[1] <= most_channels and x.shape[-2] * x.shape[-1] <= 81
 
 
