@@ -477,7 +477,7 @@ def test_small_map_conv_input_gradient_matches_autograd(size, channels, channels
     upstream = torch.randn(6, channels[1], out_size, out_size, generator=generator).to(dtype)
     results = []
     for function in (
-        _SmallMapConv2d.apply,
+        lambda x, weight, stride, padding: _SmallMapConv2d.apply(x, weight, None, stride, padding),
         lambda x, weight, stride, padding: F.conv2d(x, weight, None, 2, 1),
     ):
         out = function(x, weight, 2, 1)
@@ -540,6 +540,69 @@ def test_dense_conv_batch_norm_is_conv_batch_norm_relu(size, stride, padding, ac
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("size, channels", [(9, (4, 16)), (5, (16, 64)), (6, (3, 5))])
+def test_centred_conv_batch_norm_is_conv_batch_norm_relu(size, channels):
+    """The stride-2 extraction layers in training over channels-last maps: the conv subtracts the batch mean it
+    computes from the input, the rows batch norm skips its own; output, gradients (input, weight, BN affine) and
+    running statistics over two steps are PyTorch's conv + batch norm + ReLU in float64."""
+    torch.manual_seed(0)
+    layer = modeling_selfy.SelfyConvNormAct(
+        modeling_selfy._conv1x3x3(*channels, stride=2), channels[1]
+    ).double()
+    _randomise_batch_norms(layer)
+    official = copy.deepcopy(layer).train()
+    layer.train()
+    for step in range(2):
+        x = torch.rand(30, channels[0], size, size, dtype=torch.float64) + step
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = layer.forward_planar(x)
+        expected = F.relu(official.bn(official.conv(x.unsqueeze(2))).squeeze(2))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expected)
+        upstream = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
+        theirs = torch.autograd.grad(expected, [x, *official.parameters()], upstream)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(layer.buffers(), official.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("stride, padding", [(2, 1), (1, 1), (2, 0), (1, 2)])
+def test_conv_output_mean_is_the_mean_of_the_conv_output(stride, padding):
+    x = torch.randn(7, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    expected = F.conv2d(x, weight, None, stride, padding).mean((0, 2, 3))
+    torch.testing.assert_close(modeling_selfy._conv_output_mean(x, weight, stride, padding), expected)
+
+
+def test_centred_conv_batch_norm_float32_is_as_accurate_as_pytorch():
+    """In float32, over post-ReLU maps whose conv outputs sit far from zero, the mean computed from the input and
+    subtracted by the conv leaves the layer's output and gradients as close to float64 as PyTorch's conv + batch
+    norm (no ReLU: its mask flips at pre-activations within rounding of zero in either implementation)."""
+    torch.manual_seed(0)
+    layer = modeling_selfy.SelfyConvNormAct(modeling_selfy._conv1x3x3(16, 64, stride=2), 64, activation=False)
+    with torch.no_grad():
+        layer.conv.weight.abs_()  # positive weights over positive inputs: a mean of many standard deviations
+    layer.train()
+    x64 = (torch.rand(2000, 16, 5, 5, dtype=torch.float64) * 0.1 + 1).contiguous(
+        memory_format=torch.channels_last
+    )
+    x64.requires_grad_()
+    upstream = torch.randn(2000, 64, 3, 3, dtype=torch.float64)
+
+    def run(module, x, planar):
+        out = module.forward_planar(x) if planar else module.bn(module.conv(x.unsqueeze(2))).squeeze(2)
+        return [out, *torch.autograd.grad(out, [x, *module.parameters()], upstream.to(x.dtype))]
+
+    reference = run(copy.deepcopy(layer).double(), x64, planar=False)
+    x32 = x64.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours, pytorch = run(copy.deepcopy(layer), x32, True), run(copy.deepcopy(layer), x32, False)
+    for mine, theirs, exact in zip(ours, pytorch, reference):
+        error, pytorch_error = ((t.double() - exact).abs().max() / exact.abs().max() for t in (mine, theirs))
+        assert error <= max(2 * pytorch_error, 1e-6)
+
+
 def test_bfloat16_first_extraction_layer_trains_through_the_input_gradient_path_alone():
     """A bf16 model's first extraction layer keeps PyTorch's batch norm (moment-based statistics need fp32) and
     still gives PyTorch's conv + BN + ReLU."""
@@ -590,7 +653,7 @@ def test_rows_batch_norm_over_wide_rows_matches_batch_norm():
         weight = torch.rand(channels, generator=generator, dtype=torch.float64).requires_grad_()
         bias = torch.randn(channels, generator=generator, dtype=torch.float64).requires_grad_()
         upstream = torch.randn(rows, channels, generator=generator, dtype=torch.float64)
-        out, mean, var = modeling_selfy._RowsBatchNorm.apply(x, weight, bias, 1e-5)
+        out, mean, var = modeling_selfy._RowsBatchNorm.apply(x, weight, bias, 1e-5, None)
         theirs = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
         torch.testing.assert_close(out, theirs)
         torch.testing.assert_close(mean, x.mean(0))

@@ -251,7 +251,9 @@ class SelfyConvNormAct(nn.Module):
         elif bias is None and (dense := _small_map_conv(x, conv)) is not None:
             if dense:
                 return self._dense_conv_batch_norm(x, weight)
-            x = _SmallMapConv2d.apply(x, weight, conv.stride[1], conv.padding[1])
+            if _is_channels_last(x) and x.dtype in (torch.float32, torch.float64):
+                return self._centred_conv_batch_norm(x, weight)
+            x = _SmallMapConv2d.apply(x, weight, None, conv.stride[1], conv.padding[1])
         else:
             x = F.conv2d(x, weight, bias, conv.stride[1:], conv.padding[1:])
         if fold_norm:
@@ -268,6 +270,17 @@ class SelfyConvNormAct(nn.Module):
         if (factor := _running_statistics_factor(norm)) is not None:
             _blend_running_statistics(norm, mean, var, out.numel() // out.shape[1], factor)
         return out
+
+    def _centred_conv_batch_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Training over channels-last maps: the BN's batch mean of the conv output is the weight applied to the mean
+        input patch, known before the conv, so the conv subtracts it as its bias and the rows batch norm skips its
+        pass for the mean and the one subtracting it (two of its passes over the 4 -> 16 and 16 -> 64 convs' 12-18
+        million outputs per 4 clips). fp32/fp64 only: a bias rounded to half precision would leave the output's mean
+        off zero. Channels-last out."""
+        stride, padding = self.conv.stride[-1], self.conv.padding[-1]
+        mean = _conv_output_mean(x.detach(), weight.detach(), stride, padding)
+        centred = _SmallMapConv2d.apply(x, weight, -mean, stride, padding)
+        return self._normalize_planar(centred, mean)
 
     def forward_grouped_onednn(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """Eval-mode CPU inference of a (1, k, k) Conv3d applied alike to `groups` stacks of channels of the
@@ -311,17 +324,18 @@ class SelfyConvNormAct(nn.Module):
     def _covers_map(self, x: torch.Tensor) -> bool:
         return self.conv.weight.shape[-2:] == x.shape[-2:] and not any(self.conv.padding)
 
-    def _normalize_planar(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalize_planar(self, x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """BN with batch statistics (and ReLU) over `(N, C, U, V)` maps. Batch norm over NCHW maps of a few values runs
         several times slower than over rows of channels (on CUDA 12-50x: its NCHW kernels spread the work over the
         channels alone), so channels-last maps, 1x1 maps, and on CUDA all maps are normalised as their `(N*U*V, C)`
-        rows, by `_rows_batch_norm` (PyTorch's CPU channels-last batch norm loses accuracy on these maps)."""
+        rows, by `_rows_batch_norm` (PyTorch's CPU channels-last batch norm loses accuracy on these maps). `mean`:
+        the batch mean already subtracted from channels-last CPU maps (`_centred_conv_batch_norm`)."""
         batch, channels, height, width = x.shape
         if height * width > 1 and x.is_contiguous():
             if not x.is_cuda:
                 return self._activate(self.bn(x.unsqueeze(2))).squeeze(2)
             x = _ChannelsLast.apply(x)
-        rows = _rows_batch_norm(x.permute(0, 2, 3, 1).reshape(-1, channels), self.bn)
+        rows = _rows_batch_norm(x.permute(0, 2, 3, 1).reshape(-1, channels), self.bn, mean)
         return self._activate(rows).view(batch, height, width, channels).permute(0, 3, 1, 2)
 
     @property
@@ -463,13 +477,15 @@ class _SmallMapConv2d(torch.autograd.Function):
     """`F.conv2d(x, weight, stride=stride, padding=padding)` over maps so small that oneDNN's input gradient crawls
     (the extraction's stride-2 convs over 9x9 and 5x5 maps; alone, the 4 -> 16 conv's took 53 ms per 4 clips on an
     Intel Xeon for 0.45 GMAC). The input gradient is computed row by row instead (`_input_gradient_by_rows`); the
-    weight gradient stays PyTorch's. The gradients keep the layout of `x`."""
+    weight gradient stays PyTorch's. The gradients keep the layout of `x`; `bias` is a constant (no gradient)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(x, weight, None, stride, padding)
+        return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -496,7 +512,7 @@ class _SmallMapConv2d(torch.autograd.Function):
                 1,
                 [False, True, False],
             )[1]
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None, None, None
 
 
 def _input_gradient_by_rows(
@@ -504,53 +520,66 @@ def _input_gradient_by_rows(
 ) -> torch.Tensor:
     """The input gradient of a conv over small `(C, H, W)` maps from its channels-last output gradient, row by row:
     kernel row `ky` takes gradient row `i` to input row `stride * i - padding + ky` through one `(W_out * C_out,
-    W * C)` matrix, so each kernel row is one batched matrix product over strided views of contiguous rows (no
-    im2col, no copies), and a stride-2 conv skips the rows of zeros the whole-map dense operator would multiply
-    (the 4 -> 16 conv: 1.2 GMAC instead of 4.1; 28 -> 19 ms per 4 clips on an Intel Xeon). Half precision sums
-    in fp32: the kernel rows add up in the output. Channels-last out."""
+    W * C)` matrix. The gradient rows reaching one input row are adjacent in memory, so each input row is one
+    matrix product of those rows laid end to end with the matching kernel rows' matrices stacked, and the input
+    rows sharing a pattern are one batched product over strided views (no im2col, no copies, none of the rows of
+    zeros a stride-2 conv's whole-map dense operator multiplies: the 4 -> 16 conv takes 1.2 GMAC instead of 4.1).
+    Half precision sums in fp32. Channels-last out."""
     batch, (channels, height, width) = grad.shape[0], in_shape
     compute = torch.promote_types(grad.dtype, torch.float32)
-    grad_rows = _flat_maps(grad, channels_last=True).view(batch, grad.shape[2], -1).to(compute)
-    weight = weight.to(compute)
+    out_height = grad.shape[2]
+    grad_rows = _flat_maps(grad, channels_last=True).to(compute).contiguous().view(batch, out_height, -1)
+    row_width = grad_rows.shape[-1]
     out = grad_rows.new_empty(batch, height, width * channels)
-    written: set[int] = set()
-    for row, grad_row, count, operator in _row_operators(weight, in_shape, stride, padding):
-        rows = set(range(row, row + stride * count, stride))
-        fresh = written.isdisjoint(rows)
-        if not fresh:  # rows that only this kernel row reaches start from zero
-            for index in rows - written:
-                out[:, index].zero_()
+    reached: set[int] = set()
+    for row, grad_row, count, operator in _input_row_operators(weight.to(compute), in_shape, stride, padding):
+        links = operator.shape[0] // row_width
         target = out[:, row : row + stride * (count - 1) + 1 : stride].transpose(0, 1)
-        source = grad_rows[:, grad_row : grad_row + count].transpose(0, 1)
-        target.baddbmm_(source, operator.expand(count, -1, -1), beta=0 if fresh else 1)
-        written |= rows
-    for index in set(range(height)) - written:
+        source = grad_rows.as_strided(
+            (count, batch, links * row_width),
+            (row_width, out_height * row_width, 1),
+            grad_rows.storage_offset() + grad_row * row_width,
+        )
+        target.baddbmm_(source, operator.expand(count, -1, -1), beta=0)
+        reached |= set(range(row, row + stride * count, stride))
+    for index in set(range(height)) - reached:  # rows no kernel row reaches (a 1x1 kernel at stride 2)
         out[:, index].zero_()
-    return _unflat_maps(out, (batch, *in_shape), channels_last=True).to(grad.dtype)
+    return _unflat_maps(out.view(batch, -1), (batch, *in_shape), channels_last=True).to(grad.dtype)
 
 
-def _row_operators(
+def _input_row_operators(
     weight: torch.Tensor, in_shape: torch.Size, stride: int, padding: int
 ) -> list[tuple[int, int, int, torch.Tensor]]:
-    """Per kernel row, the rows it links, `(first input row, first gradient row, count)`, and the `(W_out * C_out,
-    W * C)` matrix taking a channels-last gradient row to an input row: a slice of the conv's dense operator; kernel
-    rows reaching no input row are left out. The rows with most links come first."""
+    """The input rows in runs `(first input row, first gradient row, count, operator)`: a run's rows are `stride`
+    apart, each reached by the same kernel rows from gradient rows one further on, and `operator` stacks those
+    kernel rows' `(W_out * C_out, W * C)` matrices (slices of the conv's dense operator) in gradient-row order."""
     channels, height, width = in_shape
+    kernel = weight.shape[-2]
     out_height = _conv_output_shape((1, *in_shape), weight, stride, padding)[2]
     dense = _conv_operator(weight, in_shape, stride, padding, True, True).view(
         height, width * channels, out_height, -1
     )
-    groups = []
-    for kernel_row in range(weight.shape[-2]):
-        links = [
-            (stride * i - padding + kernel_row, i)
-            for i in range(out_height)
-            if 0 <= stride * i - padding + kernel_row < height
-        ]
-        if links:
-            (row, grad_row), count = links[0], len(links)
-            groups.append((row, grad_row, count, dense[row, :, grad_row, :].t()))
-    return sorted(groups, key=lambda group: -group[2])
+    runs: list[list] = []
+    for row in range(height):
+        links = [i for i in range(out_height) if 0 <= row + padding - stride * i < kernel]
+        if not links:
+            continue
+        kernel_rows = tuple(row + padding - stride * i for i in links)
+        for run in runs:
+            if run[3] == kernel_rows and run[0] + stride * run[2] == row:
+                run[2] += 1
+                break
+        else:
+            runs.append([row, links[0], 1, kernel_rows])
+    return [
+        (
+            row,
+            grad_row,
+            count,
+            torch.cat([dense[row, :, grad_row + k, :].t() for k in range(len(kernel_rows))]),
+        )
+        for row, grad_row, count, kernel_rows in runs
+    ]
 
 
 class _DenseConvBatchNorm(torch.autograd.Function):
@@ -631,6 +660,20 @@ class _DenseConvBatchNorm(torch.autograd.Function):
             built = _conv_operator(weight_, x.shape[1:], stride, padding, False, True)
             grad_weight = torch.autograd.grad(built, weight_, operator_grad)[0]
         return grad_x.view(x.shape), grad_weight, grad_gamma, grad_beta, None, None, None, None
+
+
+def _conv_output_mean(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """The per-channel mean of `F.conv2d(x, weight, None, stride, padding)` over its batch and positions, from one
+    pass over the (smaller) input: every output position applies the weight to its input patch, so the mean is the
+    weight applied to the patches' mean, and that comes from the input summed over the batch (as flat rows: over
+    the batch dim of channels-last maps, `sum` runs ~15x slower). In `x`'s dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    channels_last = _is_channels_last(x)
+    sums = _flat_maps(x, channels_last).sum(0, dtype=compute)
+    sums = _unflat_maps(sums[None], (1, *x.shape[1:]), channels_last)
+    patches = F.unfold(sums, weight.shape[-2:], padding=padding, stride=stride)[0]
+    count = x.shape[0] * patches.shape[1]
+    return (weight.flatten(1).to(compute) @ patches.sum(1) / count).to(x.dtype)
 
 
 def _per_channel(columns: torch.Tensor, positions: int) -> torch.Tensor:
@@ -717,17 +760,23 @@ class _ChannelsLast(torch.autograd.Function):
 class _RowsBatchNorm(torch.autograd.Function):
     """Training-mode batch norm over the rows of `(M, C)`: returns the output and the batch mean and (biased)
     variance. Two-pass statistics (mean, then the centred squares) with PyTorch's pairwise column sums, in at least
-    fp32, so it is as accurate as NCHW batch norm where PyTorch's channels-last kernel is not. Rows of fewer than 64
+    fp32, so it is as accurate as NCHW batch norm where PyTorch's channels-last kernel is not; given `mean`, the rows
+    are already centred by it (the first pass is skipped, the gradients are the same). Rows of fewer than 64
     channels are processed as rows of 64 values (`_wide_rows`): PyTorch's elementwise and column-sum kernels run
     2-3x faster over 64 columns than over 4 or 16."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, mean: torch.Tensor | None
+    ):
         compute = torch.promote_types(x.dtype, torch.float32)
         rows = x.shape[0]
         centered, repeats = _wide_rows(x.to(compute))
-        mean = _fold(centered.sum(0), repeats).div_(rows)
-        centered = centered - _tile(mean, repeats)
+        if mean is None:
+            mean = _fold(centered.sum(0), repeats).div_(rows)
+            centered = centered - _tile(mean, repeats)
+        else:
+            mean = mean.to(compute, copy=True)
         var = _fold(centered.square().sum(0), repeats).div_(rows)
         invstd = (var + eps).rsqrt_()
         scale = weight.to(compute) * invstd
@@ -754,7 +803,7 @@ class _RowsBatchNorm(torch.autograd.Function):
         grad_x = torch.addcmul(_tile(-sum_grad / rows * scale, repeats), grad, _tile(scale, repeats))
         grad_x.addcmul_(centered, _tile(-scale * invstd * invstd * sum_grad_centered / rows, repeats))
         grad_weight = (sum_grad_centered * invstd).to(weight_dtype)
-        return grad_x.to(x_dtype).view(shape), grad_weight, sum_grad.to(bias_dtype), None
+        return grad_x.to(x_dtype).view(shape), grad_weight, sum_grad.to(bias_dtype), None, None
 
 
 def _wide_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -775,16 +824,18 @@ def _fold(vector: torch.Tensor, repeats: int) -> torch.Tensor:
     return vector.view(repeats, -1).sum(0)
 
 
-def _rows_batch_norm(rows: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+def _rows_batch_norm(
+    rows: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """`norm` (an affine BatchNorm using batch statistics) over the rows of `(M, C)`, with its running statistics
-    updated as PyTorch's batch norm does in training. On CPU through `_RowsBatchNorm`; elsewhere through
-    `F.batch_norm` over the rows, which CUDA runs accurately (Welford) and 12-50x faster than over NCHW maps of a
-    few values (H100, forward + backward)."""
+    updated as PyTorch's batch norm does in training. On CPU through `_RowsBatchNorm` (`mean`: the batch mean
+    already subtracted from the rows, CPU only); elsewhere through `F.batch_norm` over the rows, which CUDA runs
+    accurately (Welford) and 12-50x faster than over NCHW maps of a few values (H100, forward + backward)."""
     factor = _running_statistics_factor(norm)
     if rows.device.type != "cpu":
         running = (norm.running_mean, norm.running_var) if factor is not None else (None, None)
         return F.batch_norm(rows, *running, norm.weight, norm.bias, True, factor or 0.0, norm.eps)
-    out, mean, var = _RowsBatchNorm.apply(rows, norm.weight, norm.bias, norm.eps)
+    out, mean, var = _RowsBatchNorm.apply(rows, norm.weight, norm.bias, norm.eps, mean)
     if factor is not None:
         _blend_running_statistics(norm, mean, var, rows.shape[0], factor)
     return out
