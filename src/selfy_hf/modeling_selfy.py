@@ -760,8 +760,9 @@ class _ChannelsLast(torch.autograd.Function):
 class _RowsBatchNorm(torch.autograd.Function):
     """Training-mode batch norm over the rows of `(M, C)`: returns the output and the batch mean and (biased)
     variance. Two-pass statistics (mean, then the centred squares) with PyTorch's pairwise column sums, in at least
-    fp32, so it is as accurate as NCHW batch norm where PyTorch's channels-last kernel is not; given `mean`, the rows
-    are already centred by it (the first pass is skipped, the gradients are the same). Rows of fewer than 64
+    fp32, so its output is as accurate as NCHW batch norm's where PyTorch's channels-last kernel's one-pass variance
+    is not; given `mean`, the rows are already centred by it (the first pass is skipped, the gradients are the
+    same). The forward's rows of fewer than 64
     channels are processed as rows of 64 values (`_wide_rows`): PyTorch's elementwise and column-sum kernels run
     2-3x faster over 64 columns than over 4 or 16."""
 
@@ -786,24 +787,39 @@ class _RowsBatchNorm(torch.autograd.Function):
             _tile(bias.to(compute), repeats), centered, _tile(scale, repeats), out=out.view_as(centered)
         )
         out = out.to(x.dtype)
-        ctx.save_for_backward(centered, invstd, scale)
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.save_for_backward(centered, invstd, weight.to(compute))
+        ctx.dtypes, ctx.eps = (x.dtype, weight.dtype, bias.dtype), eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_mean: None, _grad_var: None):
-        centered, invstd, scale = ctx.saved_tensors
+        # PyTorch's batch norm backward over the `(M, C)` rows: the sums of `grad` and `grad * centered` in one
+        # pass, the input gradient in a second (five passes of ours before; the block's training step 3% faster).
+        # Handed the centred rows, a zero mean and our inverse standard deviation, its input gradient is as
+        # accurate as PyTorch's NCHW backward's; its weight and bias gradients, plain sequential sums over the
+        # rows, carry ~5e-6 relative error in float32 (NCHW's: ~1e-7), under the ~1e-5 of the conv weight
+        # gradients PyTorch computes for the same layer.
+        centered, invstd, weight = ctx.saved_tensors
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        shape, rows = grad.shape, grad.shape[0]
-        grad, repeats = _wide_rows(grad.to(centered.dtype).contiguous())
-        sum_grad = _fold(grad.sum(0), repeats)
-        sum_grad_centered = _fold((grad * centered).sum(0), repeats)
-        # grad_x = scale * (grad - mean(grad) - centered * invstd^2 * mean(grad * centered)), in two passes
-        grad_x = torch.addcmul(_tile(-sum_grad / rows * scale, repeats), grad, _tile(scale, repeats))
-        grad_x.addcmul_(centered, _tile(-scale * invstd * invstd * sum_grad_centered / rows, repeats))
-        grad_weight = (sum_grad_centered * invstd).to(weight_dtype)
-        return grad_x.to(x_dtype).view(shape), grad_weight, sum_grad.to(bias_dtype), None, None
+        shape = grad.shape
+        centered = centered.view(shape)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad.to(centered.dtype).contiguous(),
+            centered,
+            weight,
+            None,
+            None,
+            torch.zeros_like(invstd),
+            invstd,
+            True,
+            ctx.eps,
+            list(ctx.needs_input_grad[:3]),
+        )
+        grad_x = grad_x.to(x_dtype) if grad_x is not None else None
+        grad_weight = grad_weight.to(weight_dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias_dtype) if grad_bias is not None else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def _wide_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
