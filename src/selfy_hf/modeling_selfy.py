@@ -559,27 +559,20 @@ def _input_row_operators(
     dense = _conv_operator(weight, in_shape, stride, padding, True, True).view(
         height, width * channels, out_height, -1
     )
-    runs: list[list] = []
+    # (kernel rows, the run's next row) -> [first row, first gradient row, count]
+    runs: dict[tuple, list[int]] = {}
     for row in range(height):
         links = [i for i in range(out_height) if 0 <= row + padding - stride * i < kernel]
-        if not links:
-            continue
-        kernel_rows = tuple(row + padding - stride * i for i in links)
-        for run in runs:
-            if run[3] == kernel_rows and run[0] + stride * run[2] == row:
-                run[2] += 1
-                break
-        else:
-            runs.append([row, links[0], 1, kernel_rows])
-    return [
-        (
-            row,
-            grad_row,
-            count,
-            torch.cat([dense[row, :, grad_row + k, :].t() for k in range(len(kernel_rows))]),
-        )
-        for row, grad_row, count, kernel_rows in runs
-    ]
+        if links:
+            kernel_rows = tuple(row + padding - stride * i for i in links)
+            run = runs.pop((kernel_rows, row), None) or [row, links[0], 0]
+            run[2] += 1
+            runs[kernel_rows, row + stride] = run
+    operators = []
+    for (kernel_rows, _), (row, grad_row, count) in runs.items():
+        stacked = torch.cat([dense[row, :, grad_row + k, :].t() for k in range(len(kernel_rows))])
+        operators.append((row, grad_row, count, stacked))
+    return operators
 
 
 class _DenseConvBatchNorm(torch.autograd.Function):
@@ -762,9 +755,8 @@ class _RowsBatchNorm(torch.autograd.Function):
     variance. Two-pass statistics (mean, then the centred squares) with PyTorch's pairwise column sums, in at least
     fp32, so its output is as accurate as NCHW batch norm's where PyTorch's channels-last kernel's one-pass variance
     is not; given `mean`, the rows are already centred by it (the first pass is skipped, the gradients are the
-    same). The forward's rows of fewer than 64
-    channels are processed as rows of 64 values (`_wide_rows`): PyTorch's elementwise and column-sum kernels run
-    2-3x faster over 64 columns than over 4 or 16."""
+    same). The forward processes rows of fewer than 64 channels as rows of 64 values (`_wide_rows`): PyTorch's
+    elementwise and column-sum kernels run 2-3x faster over 64 columns than over 4 or 16."""
 
     @staticmethod
     def forward(
