@@ -793,10 +793,8 @@ class _RowsBatchNorm(torch.autograd.Function):
         # rows, carry ~5e-6 relative error in float32 (NCHW's: ~1e-7), under the ~1e-5 of the conv weight
         # gradients PyTorch computes for the same layer.
         centered, invstd, weight = ctx.saved_tensors
-        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        shape = grad.shape
-        centered = centered.view(shape)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        centered = centered.view(grad.shape)
+        grads = torch.ops.aten.native_batch_norm_backward(
             grad.to(centered.dtype).contiguous(),
             centered,
             weight,
@@ -808,10 +806,8 @@ class _RowsBatchNorm(torch.autograd.Function):
             ctx.eps,
             list(ctx.needs_input_grad[:3]),
         )
-        grad_x = grad_x.to(x_dtype) if grad_x is not None else None
-        grad_weight = grad_weight.to(weight_dtype) if grad_weight is not None else None
-        grad_bias = grad_bias.to(bias_dtype) if grad_bias is not None else None
-        return grad_x, grad_weight, grad_bias, None, None
+        # To the dtypes of x, weight and bias; None where no gradient was asked for.
+        return *(g if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None
 
 
 def _wide_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
