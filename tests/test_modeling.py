@@ -511,6 +511,27 @@ def test_input_gradient_by_rows_is_conv_input_gradient(size, kernel, stride, pad
     torch.testing.assert_close(ours, expected)
 
 
+def _assert_planar_training_matches_official(layer: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
+    """One training step per input through `layer.forward_planar` against the official Conv3d + BN3d (+ ReLU) on a
+    copy: channels-last output, output and gradients (input, conv weight, BN affine), then the running statistics."""
+    official = copy.deepcopy(layer).train()
+    layer.train()
+    for x in inputs:
+        x = x.requires_grad_()
+        out = layer.forward_planar(x)
+        expected = official.bn(official.conv(x.unsqueeze(2))).squeeze(2)
+        expected = F.relu(expected) if layer.activation else expected
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expected)
+        upstream = torch.randn_like(out)
+        ours = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
+        theirs = torch.autograd.grad(expected, [x, *official.parameters()], upstream)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(layer.buffers(), official.buffers()):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("size, stride, padding", [(9, 1, 1), (7, 2, 1), (5, 1, 0)])
 @pytest.mark.parametrize("activation", [True, False])
 def test_dense_conv_batch_norm_is_conv_batch_norm_relu(size, stride, padding, activation):
@@ -522,22 +543,8 @@ def test_dense_conv_batch_norm_is_conv_batch_norm_relu(size, stride, padding, ac
         modeling_selfy._conv1x3x3(1, 4, stride, padding), 4, activation=activation
     ).double()
     _randomise_batch_norms(layer)
-    official = copy.deepcopy(layer).train()
-    layer.train()
-    for step in range(2):
-        x = (torch.randn(40, 1, size, size, dtype=torch.float64) * 0.3 + 0.5 + step).requires_grad_()
-        out = layer.forward_planar(x)
-        expected = official.bn(official.conv(x.unsqueeze(2))).squeeze(2)
-        expected = F.relu(expected) if activation else expected
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(out, expected)
-        upstream = torch.randn_like(out)
-        ours = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
-        theirs = torch.autograd.grad(expected, [x, *official.parameters()], upstream)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b)
-    for a, b in zip(layer.buffers(), official.buffers()):
-        torch.testing.assert_close(a, b)
+    inputs = [torch.randn(40, 1, size, size, dtype=torch.float64) * 0.3 + 0.5 + step for step in range(2)]
+    _assert_planar_training_matches_official(layer, inputs)
 
 
 @pytest.mark.parametrize("size, channels", [(9, (4, 16)), (5, (16, 64)), (6, (3, 5))])
@@ -550,22 +557,10 @@ def test_centred_conv_batch_norm_is_conv_batch_norm_relu(size, channels):
         modeling_selfy._conv1x3x3(*channels, stride=2), channels[1]
     ).double()
     _randomise_batch_norms(layer)
-    official = copy.deepcopy(layer).train()
-    layer.train()
-    for step in range(2):
-        x = torch.rand(30, channels[0], size, size, dtype=torch.float64) + step
-        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-        out = layer.forward_planar(x)
-        expected = F.relu(official.bn(official.conv(x.unsqueeze(2))).squeeze(2))
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(out, expected)
-        upstream = torch.randn_like(out)
-        ours = torch.autograd.grad(out, [x, *layer.parameters()], upstream)
-        theirs = torch.autograd.grad(expected, [x, *official.parameters()], upstream)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b)
-    for a, b in zip(layer.buffers(), official.buffers()):
-        torch.testing.assert_close(a, b)
+    inputs = [torch.rand(30, channels[0], size, size, dtype=torch.float64) + step for step in range(2)]
+    _assert_planar_training_matches_official(
+        layer, [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    )
 
 
 @pytest.mark.parametrize("stride, padding", [(2, 1), (1, 1), (2, 0), (1, 2)])

@@ -267,8 +267,7 @@ class SelfyConvNormAct(nn.Module):
         out, mean, var = _DenseConvBatchNorm.apply(
             x, weight, norm.weight, norm.bias, conv.stride[-1], conv.padding[-1], norm.eps, self.activation
         )
-        if (factor := _running_statistics_factor(norm)) is not None:
-            _blend_running_statistics(norm, mean, var, out.numel() // out.shape[1], factor)
+        _record_batch_statistics(norm, mean, var, out.numel() // out.shape[1])
         return out
 
     def _centred_conv_batch_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -835,13 +834,12 @@ def _rows_batch_norm(
     updated as PyTorch's batch norm does in training. On CPU through `_RowsBatchNorm` (`mean`: the batch mean
     already subtracted from the rows, CPU only); elsewhere through `F.batch_norm` over the rows, which CUDA runs
     accurately (Welford) and 12-50x faster than over NCHW maps of a few values (H100, forward + backward)."""
-    factor = _running_statistics_factor(norm)
     if rows.device.type != "cpu":
+        factor = _running_statistics_factor(norm)
         running = (norm.running_mean, norm.running_var) if factor is not None else (None, None)
         return F.batch_norm(rows, *running, norm.weight, norm.bias, True, factor or 0.0, norm.eps)
     out, mean, var = _RowsBatchNorm.apply(rows, norm.weight, norm.bias, norm.eps, mean)
-    if factor is not None:
-        _blend_running_statistics(norm, mean, var, rows.shape[0], factor)
+    _record_batch_statistics(norm, mean, var, rows.shape[0])
     return out
 
 
@@ -855,10 +853,13 @@ def _running_statistics_factor(norm: nn.modules.batchnorm._BatchNorm) -> float |
 
 
 @torch.no_grad()
-def _blend_running_statistics(
-    norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: int, factor: float
+def _record_batch_statistics(
+    norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: int
 ) -> None:
-    """Blend a batch's mean and biased variance over `count` values into `norm`'s running (unbiased) statistics."""
+    """Blend a training batch's mean and biased variance over `count` values into `norm`'s running (unbiased)
+    statistics as PyTorch's batch norm does; nothing where it keeps none."""
+    if (factor := _running_statistics_factor(norm)) is None:
+        return
     norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
     norm.running_var.lerp_((var * count / max(count - 1, 1)).to(norm.running_var.dtype), factor)
 
@@ -1037,8 +1038,7 @@ class StssIntegrator(nn.Module):
         mean = rows.sum(0) / count
         # Two-pass variance: the centred squares of the even positions and the zeros elsewhere.
         var = ((rows - mean).square().sum(0) + (count - rows.shape[0]) * mean.square()) / count
-        if (factor := _running_statistics_factor(norm)) is not None:
-            _blend_running_statistics(norm, mean.detach(), var.detach(), count, factor)
+        _record_batch_statistics(norm, mean, var, count)
         scale = norm.weight * torch.rsqrt(var + norm.eps)
         return scale, norm.bias - mean * scale
 
