@@ -262,6 +262,97 @@ def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
     torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
 
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+
+
+def _onednn_conv(maps: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """A oneDNN conv + bias + ReLU of oneDNN maps, its output in the layout oneDNN picks."""
+    weight = torch.randn(out_channels, maps.shape[1], 3, 3)
+    return torch.ops.mkldnn._convolution_pointwise(
+        maps, weight, torch.rand(out_channels), (1, 1), (2, 2), (1, 1), 1, "relu", [], ""
+    )
+
+
+@needs_onednn
+@pytest.mark.parametrize("conv", [True, False])
+def test_onednn_rows_read_the_maps_in_place_in_their_layout(conv, monkeypatch):
+    monkeypatch.setattr(modeling_selfy, "_ONEDNN_BLOCKS", {})
+    torch.manual_seed(0)
+    maps = torch.randn(7, 16, 5, 5).to_mkldnn()
+    if conv:  # the extraction's third conv: 16 -> 64 channels, 5x5 -> 3x3, blocked by oneDNN
+        maps = _onednn_conv(maps, 64)
+    for _ in range(2):  # found, then cached
+        rows, block = modeling_selfy._onednn_rows(maps)
+        assert rows.data_ptr() == torch.ops.mkldnn.data_ptr(maps)
+        assert torch.equal(rows, modeling_selfy._channel_blocked(maps.to_dense(), block).flatten(1))
+    assert list(modeling_selfy._ONEDNN_BLOCKS.values()) == [block]
+    assert block > 1 if conv else block == 1  # a plain `to_mkldnn` tensor is NCHW
+
+
+@needs_onednn
+def test_onednn_rows_refuse_padded_blocks_and_wait_out_uniform_maps(monkeypatch):
+    monkeypatch.setattr(modeling_selfy, "_ONEDNN_BLOCKS", {})
+    maps = torch.rand(7, 16, 5, 5).to_mkldnn()
+    padded = _onednn_conv(maps, 4)  # 4 channels in oneDNN's 8- or 16-channel blocks
+    assert torch.ops.mkldnn._nbytes(padded) > padded.numel() * 4
+    assert modeling_selfy._onednn_rows(padded) is None
+    rows, _ = modeling_selfy._onednn_rows(torch.zeros(7, 64, 3, 3).to_mkldnn())
+    assert torch.equal(rows, torch.zeros(7, 576))
+    assert modeling_selfy._ONEDNN_BLOCKS == {}  # every order matches zeros: nothing learnt
+
+
+@needs_onednn
+def test_extraction_inference_without_in_place_rows_reads_the_dense_maps(monkeypatch):
+    """Where the last conv's input is in no layout `_onednn_rows` knows, it reads `to_dense`: the same features."""
+    extractor = StssExtractor(SelfyConfig.from_preset("selfynet-tsm-r18")).eval()
+    _randomise_batch_norms(extractor)
+    similarity = torch.randn(1, 2, 3, 3, 5, 9, 9)
+    found, original = [], modeling_selfy._onednn_rows
+    monkeypatch.setattr(
+        modeling_selfy, "_onednn_rows", lambda maps: found.append(original(maps)) or found[-1]
+    )
+    with torch.no_grad():
+        in_place = extractor(similarity)
+        assert len(found) == 1 and found[0] is not None
+        monkeypatch.setattr(modeling_selfy, "_onednn_rows", lambda maps: None)
+        dense = extractor(similarity)
+    torch.testing.assert_close(in_place, dense)
+
+
+def test_inference_weights_are_kept_until_their_sources_change_even_through_data(monkeypatch):
+    """Folded inference weights are built once and reused; changing any conv weight or BN tensor in place, even
+    through `.data` (which version counters miss), rebuilds exactly that layer's."""
+    builds = []
+    original = modeling_selfy.SelfyConvNormAct._prepared
+
+    def counted(self, key, build):
+        return original(self, key, lambda: builds.append(self) or build())
+
+    monkeypatch.setattr(modeling_selfy.SelfyConvNormAct, "_prepared", counted)
+    model = _r18_with_random_statistics()
+    pixel_values = clip(size=64)
+    with torch.no_grad():
+        model(pixel_values)
+        built = len(builds)
+        model(pixel_values)
+    assert built == (10 if torch.backends.mkldnn.is_available() else 1) and len(builds) == built
+    block = model.selfy.selfy_blocks["layer2"]
+    changed = [
+        (block.transform.downsample.conv.weight, 1.5),
+        (block.extractor.layers[0].bn.running_var, 2.0),
+        (block.extractor.layers[3].conv.weight, -1.0),
+        (block.integrator.layers[1].bn.bias, 0.5),
+        (block.integrator.project.bn.weight, 3.0),
+    ]
+    for tensor, factor in changed:
+        tensor.data.mul_(factor)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    assert len(builds) == built + (len(changed) if torch.backends.mkldnn.is_available() else 1)
+    expected = model(pixel_values).logits  # autograd on: the official ops, nothing cached
+    torch.testing.assert_close(logits, expected.detach(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(("integration", "grouped_convs"), [("mlp", 4), ("fc", 1)])
 def test_inference_fast_paths_of_the_other_integrations(integration, grouped_convs, monkeypatch):
     """The channels-last grouped integration with 1x1 layers (MLP) and with the fusing layer alone (FC)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import ctypes
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,7 @@ class SelfyConvNormAct(nn.Module):
         norm = nn.BatchNorm3d if conv.weight.dim() == 5 else nn.BatchNorm2d
         self.bn = _zero_init_norm(num_features, norm) if zero_init else norm(num_features)
         self.activation = activation
+        self._inference_weights: dict[tuple, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
 
     def forward(self, x: torch.Tensor, **conv_kwargs) -> torch.Tensor:
         if (
@@ -175,11 +177,14 @@ class SelfyConvNormAct(nn.Module):
             and self.folds_norm()
             and (dtype := _onednn_dtype(x)) is not None
         ):
-            weight, bias = self._folded(self.conv.weight)
-            if x.dim() == 4:
-                # oneDNN runs the transform's 3x3 stride-2 conv 1.8x faster channels-last, conversion included.
-                x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
-            return self._onednn(x.to(dtype), weight, bias, self.conv.stride, self.conv.padding)
+            # oneDNN runs the transform's 3x3 stride-2 conv 1.8x faster channels-last, conversion included.
+            memory_format = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+            weight, bias = self._prepared(
+                ("conv", dtype, memory_format),
+                lambda: self._folded_as(self.conv.weight, dtype, memory_format=memory_format),
+            )
+            x = x.contiguous(memory_format=memory_format).to(dtype)
+            return self._onednn(x, weight, bias, self.conv.stride, self.conv.padding)
         x = self.bn(self.conv(x, **conv_kwargs))
         return self._activate(x)
 
@@ -193,6 +198,32 @@ class SelfyConvNormAct(nn.Module):
         scale_shape = [1] * weight.dim()
         scale_shape[channel_dim] = -1
         return weight * scale.view(scale_shape), self.bn.bias - self.bn.running_mean * scale
+
+    def _folded_as(
+        self, weight: torch.Tensor, dtype: torch.dtype, channel_dim: int = 0, **layout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_folded` in `dtype`, the weight made contiguous with the `layout` keywords of `contiguous`."""
+        weight, bias = self._folded(weight, channel_dim)
+        return weight.to(dtype).contiguous(**layout), bias.to(dtype)
+
+    def _prepared(
+        self, key: tuple, build: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """The inference weights `build()` derives from the conv weight and the BN (folded, laid out for oneDNN),
+        kept between calls for as long as those hold the values they were built from. The check compares the
+        values themselves: an in-place change through `.data` leaves version counters as they were. Rebuilding them
+        each call took ~2 ms of small ops per SELFY block call (28.2 -> 26.0 ms for the R18 block at batch 1)."""
+        sources = [self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var]
+        key = (*key, self.bn.eps, *((t.dtype, t.device) for t in sources))
+        if (cached := self._inference_weights.get(key)) is not None:
+            snapshot, weights = cached
+            if all(torch.equal(now, then) for now, then in zip(sources, snapshot)):
+                return weights
+        weights = build()
+        if len(self._inference_weights) >= 4:
+            self._inference_weights.clear()
+        self._inference_weights[key] = ([t.detach().clone() for t in sources], weights)
+        return weights
 
     def _onednn(
         self,
@@ -284,41 +315,59 @@ class SelfyConvNormAct(nn.Module):
     def forward_grouped_onednn(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """Eval-mode CPU inference of a (1, k, k) Conv3d applied alike to `groups` stacks of channels of the
         channels-last `(N, groups * C_in, X, Y)` maps, as one grouped oneDNN conv + bias + ReLU; channels-last out."""
-        weight, bias = self._folded(self.conv.weight.squeeze(2))
-        weight = weight.repeat(groups, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            weight, bias = self._folded_as(self.conv.weight.squeeze(2), x.dtype)
+            return weight.repeat(groups, 1, 1, 1).contiguous(memory_format=torch.channels_last), bias.repeat(
+                groups
+            )
+
+        weight, bias = self._prepared(("grouped", x.dtype, groups), build)
         conv = self.conv
-        return self._onednn(x, weight, bias.repeat(groups), conv.stride[1:], conv.padding[1:], groups)
+        return self._onednn(x, weight, bias, conv.stride[1:], conv.padding[1:], groups)
 
     def forward_planar_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """`forward_planar` for eval-mode CPU inference through oneDNN (fp32, or bf16 under autocast); `x` dense or a
         oneDNN tensor."""
-        weight, bias = self._folded(self.conv.weight.squeeze(2))
+        weight = self.conv.weight.squeeze(2)
         if not x.is_mkldnn and _small_maps(x, most_channels=1):
-            return self._onednn_dense_operator(x, weight, bias)
+            return self._onednn_dense_operator(x)
         if not self._covers_map(x):
+            weight, bias = self._prepared(("planar", x.dtype), lambda: self._folded_as(weight, x.dtype))
             return self._onednn(x, weight, bias, self.conv.stride[1:], self.conv.padding[1:])
-        # oneDNN's matrix product runs ~2.5x faster than the BLAS one behind `F.linear` on this AMD CPU.
-        x = x.to_dense() if x.is_mkldnn else x
-        weight, bias = weight.flatten(1).to(x.dtype), bias.to(x.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), weight, bias, self._onednn_activation, [], "")
+        # oneDNN's matrix product runs ~2.5x faster than the BLAS one behind `F.linear` on this AMD CPU. A kernel
+        # covering the map reads all of it, in any order: oneDNN maps are read in place, in their blocked order.
+        if x.is_mkldnn and (layout := _onednn_rows(x)) is not None:
+            rows, block = layout
+        else:
+            rows, block = (x.to_dense() if x.is_mkldnn else x).flatten(1), 1
+        weight, bias = self._prepared(
+            ("rows", rows.dtype, block),
+            lambda: self._folded_as(_channel_blocked(weight, block).flatten(1), rows.dtype),
+        )
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, self._onednn_activation, [], "")
         return out[..., None, None]
 
-    def _onednn_dense_operator(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """The conv (folded `weight` and `bias`) over dense single-channel maps as oneDNN's matrix product + bias +
-        ReLU with its dense operator; NCHW out. For the first extraction conv, 1 -> 4 channels over 9x9 maps: oneDNN
+    def _onednn_dense_operator(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv (its BN folded) over dense single-channel maps as oneDNN's matrix product + bias + ReLU with its
+        dense operator; NCHW out. For the first extraction conv, 1 -> 4 channels over 9x9 maps: oneDNN
         runs it as a conv with 16-channel blocked output, several times the work (the extraction's inference, fp32:
-        51 -> 43 ms per 4 clips on an Intel Xeon)."""
+        51 -> 43 ms per 4 clips on an Intel Xeon). The product runs on oneDNN tensors: its output is then a oneDNN
+        tensor in the plain NCHW layout the next conv reads fastest, with no copy of the 4x larger output into one."""
         stride, padding = self.conv.stride[-1], self.conv.padding[-1]
-        operator = _conv_operator(weight.to(x.dtype), x.shape[1:], stride, padding, False, False)
-        out_shape = _conv_output_shape(x.shape, weight, stride, padding)
-        bias = bias.to(x.dtype).repeat_interleave(out_shape[2] * out_shape[3])
-        rows = x.reshape(x.shape[0], -1)
-        out = torch.ops.mkldnn._linear_pointwise(
-            rows, operator.t().contiguous(), bias, self._onednn_activation, [], ""
-        )
-        return out.view(out_shape)
+        out_shape = _conv_output_shape(x.shape, self.conv.weight, stride, padding)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            weight, bias = self._folded_as(self.conv.weight.squeeze(2), x.dtype)
+            operator = _conv_operator(weight, x.shape[1:], stride, padding, False, False)
+            bias = bias.repeat_interleave(out_shape[2] * out_shape[3])
+            return operator.t().contiguous(), bias
+
+        operator, bias = self._prepared(("dense", x.dtype, x.shape[1:]), build)
+        rows = x.reshape(x.shape[0], -1).to_mkldnn()
+        out = torch._C._nn.mkldnn_linear(rows, operator.to_mkldnn(), bias.to_mkldnn())
+        out = torch.ops.aten._mkldnn_reshape(out, list(out_shape))
+        return out.relu_() if self.activation else out
 
     def _covers_map(self, x: torch.Tensor) -> bool:
         return self.conv.weight.shape[-2:] == x.shape[-2:] and not any(self.conv.padding)
@@ -369,6 +418,41 @@ def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     dtype = torch.get_autocast_dtype("cpu")
     bf16_ok = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return dtype if bf16_ok and x.dtype in (torch.float32, dtype) else None
+
+
+_ONEDNN_BLOCKS_SIZE = 32
+_ONEDNN_BLOCKS: dict[tuple, int | None] = {}
+
+
+def _onednn_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The memory of oneDNN `(N, C, H, W)` maps as `(N, C*H*W)` rows, read in place, and its channel block `b`: the
+    layout nChw{b}c (1: NCHW, C: NHWC), the order of `_channel_blocked`. None where the layout is none of these.
+    oneDNN's convs write channel-blocked maps; `to_dense` after the extraction's third conv costs as much as the
+    576 -> 64 product reading its output (8 of ~100 ms of the block's inference per 4 clips, Intel Xeon). Which
+    layout oneDNN chose for a shape is found once, by comparing its memory with `to_dense`."""
+    nbytes = torch.ops.mkldnn._nbytes(maps)
+    if nbytes != maps.numel() * maps.element_size():  # padded blocks
+        return None
+    memory = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(maps))
+    memory.owner = maps  # the rows keep the buffer, and so the maps, alive
+    rows = torch.frombuffer(memory, dtype=maps.dtype).view(maps.shape[0], -1)
+    key = (tuple(maps.shape), maps.dtype)
+    if key not in _ONEDNN_BLOCKS:
+        dense, channels = maps.to_dense(), maps.shape[1]
+        blocks = [b for b in range(1, channels + 1) if channels % b == 0]
+        matches = [b for b in blocks if torch.equal(_channel_blocked(dense, b).flatten(1), rows)]
+        if len(matches) > 1:  # maps too uniform to tell (all zeros): no answer yet
+            return rows, matches[0]
+        if len(_ONEDNN_BLOCKS) >= _ONEDNN_BLOCKS_SIZE:
+            _ONEDNN_BLOCKS.pop(next(iter(_ONEDNN_BLOCKS)))
+        _ONEDNN_BLOCKS[key] = matches[0] if matches else None
+    block = _ONEDNN_BLOCKS[key]
+    return None if block is None else (rows, block)
+
+
+def _channel_blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`(N, C, H, W)` as `(N, C // block, H, W, block)`: channels in blocks of `block`, each block position-major."""
+    return x.unflatten(1, (-1, block)).permute(0, 1, 3, 4, 2)
 
 
 def _onednn_available(x: torch.Tensor) -> bool:
@@ -1015,7 +1099,10 @@ class StssIntegrator(nn.Module):
         # the backward). `features`: `(B*T, C, X, Y)`, any memory layout.
         weight, shift = self.project.conv.weight.flatten(1), None
         if self.project.folds_norm():
-            weight, shift = self.project._folded(weight, channel_dim=1)
+            weight, shift = self.project._prepared(
+                ("projection", features.dtype),
+                lambda: self.project._folded_as(weight, features.dtype, channel_dim=1),
+            )
         projected = torch.matmul(features.permute(0, 2, 3, 1), weight.to(features.dtype))
         if shift is None:
             scale, shift = self._projection_batch_norm(projected, residual.shape)
