@@ -581,6 +581,31 @@ def test_small_map_conv_input_gradient_matches_autograd(size, channels, channels
 
 
 @pytest.mark.parametrize(
+    "channels_last, stride, padding", [(False, 1, 1), (True, 1, 1), (True, 2, 1), (False, 2, 0), (True, 1, 2)]
+)
+def test_conv_operator_gathered_from_the_weight_is_the_conv_and_sends_gradients_back(
+    channels_last, stride, padding
+):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 3, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    in_shape = torch.Size((3, 5, 5))
+    operator = modeling_selfy._conv_operator(weight, in_shape, stride, padding, channels_last, channels_last)
+    maps = torch.randn(4, *in_shape, dtype=torch.float64, generator=generator)
+    flat = modeling_selfy._flat_maps
+    expected = flat(F.conv2d(maps, weight, None, stride, padding), channels_last)
+    torch.testing.assert_close(flat(maps, channels_last) @ operator, expected)
+    upstream = torch.randn(operator.shape, dtype=torch.float64, generator=generator)
+    # the definition: the conv of each unit map, differentiated by autograd
+    basis = modeling_selfy._unflat_maps(torch.eye(75, dtype=torch.float64), (75, *in_shape), channels_last)
+    defined = flat(F.conv2d(basis, weight, None, stride, padding), channels_last)
+    expected_grad = torch.autograd.grad(defined, weight, upstream)[0]
+    torch.testing.assert_close(torch.autograd.grad(operator, weight, upstream)[0], expected_grad)
+    layout = (in_shape, stride, padding, channels_last, channels_last, weight.device)
+    index = modeling_selfy._operator_index(weight.shape, *layout)[0]
+    torch.testing.assert_close(modeling_selfy._weight_entries_grad(upstream, index, weight), expected_grad)
+
+
+@pytest.mark.parametrize(
     "size, kernel, stride, padding",
     [(9, 3, 1, 1), (9, 3, 2, 1), (6, 3, 2, 1), (5, 3, 2, 0), (7, 1, 2, 0), (5, 3, 1, 2)],
 )
