@@ -318,9 +318,8 @@ class SelfyConvNormAct(nn.Module):
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             weight, bias = self._folded_as(self.conv.weight.squeeze(2), x.dtype)
-            return weight.repeat(groups, 1, 1, 1).contiguous(memory_format=torch.channels_last), bias.repeat(
-                groups
-            )
+            weight = weight.repeat(groups, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+            return weight, bias.repeat(groups)
 
         weight, bias = self._prepared(("grouped", x.dtype, groups), build)
         conv = self.conv
@@ -859,12 +858,10 @@ def _operator_index(
     training step of the extraction's first three layers)."""
 
     def build() -> tuple[torch.Tensor]:
-        numel = weight_shape.numel()
+        numel, size = weight_shape.numel(), in_shape.numel()
         numbered = torch.arange(1, numel + 1, dtype=torch.float64, device=device).view(weight_shape)
-        size = in_shape.numel()
-        basis = _unflat_maps(
-            torch.eye(size, dtype=torch.float64, device=device), (size, *in_shape), in_channels_last
-        )
+        basis = torch.eye(size, dtype=torch.float64, device=device)
+        basis = _unflat_maps(basis, (size, *in_shape), in_channels_last)
         entries = _flat_maps(F.conv2d(basis, numbered, None, stride, padding), out_channels_last).long()
         return (torch.where(entries > 0, entries - 1, numel).contiguous(),)
 
