@@ -208,12 +208,18 @@ def test_benchmark_model_rows_and_markdown():
     selfy, tsm = (next(r for r in rows if r.variant == "train_eager" and r.model == m) for m in presets[::-1])
     assert train_ratio["extra_ms_per_clip"] == pytest.approx(1e3 * (selfy.seconds - tsm.seconds))
     assert train_ratio["budget_ms_per_clip"] == pytest.approx(300 * tsm.seconds)
+    paired = sorted(
+        a / b for a, b in zip(selfy.times, tsm.times)
+    )  # two rounds: the quartiles lie between them
+    q1, q2, q3 = train_ratio["paired_ratio_quartiles"]
+    assert paired[0] <= q1 <= q2 <= q3 <= paired[1] and q2 == pytest.approx(sum(paired) / 2)
     json.dumps([r.as_dict() for r in rows] + ratios)
     peaks = {"matmul_fp32": 100.0, "conv3x3_fp32": 200.0, "matmul_amp": 300.0, "conv3x3_amp": 400.0}
     markdown = format_model_benchmark(rows, peaks)
     header = next(line for line in markdown.splitlines() if line.startswith("| model | batch | GMACs"))
     assert header == "| model | batch | GMACs/clip | " + " | ".join(variants) + " |"
     assert "| selfynet-tiny | tsm-tiny | train_eager | 1 |" in markdown
+    assert f"| {q1:.3f}-{q3:.3f} |" in markdown
     assert "conv3x3_bf16 400" in markdown
 
 

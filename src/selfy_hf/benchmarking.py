@@ -432,7 +432,8 @@ DEFAULT_VARIANTS = (
 
 @dataclass
 class ModelBenchmarkRow:
-    """One measured (model, variant, batch size): median (and minimum) seconds per call, clips/s, GFLOP/s."""
+    """One measured (model, variant, batch size): median (and minimum) seconds per call, clips/s, GFLOP/s; `times`
+    holds every timed call in order, the i-th taken in the same round as the other models' i-th."""
 
     model: str
     variant: str
@@ -444,6 +445,7 @@ class ModelBenchmarkRow:
     gmacs_per_clip: float
     seconds: float | None = None  # median
     min_seconds: float | None = None
+    times: list[float] | None = None
     skipped: str | None = None  # why the variant could not run here (e.g. onnxruntime on CUDA)
 
     @property
@@ -750,8 +752,9 @@ def benchmark_models(
                 times = _round_robin_seconds(steps, device, iters)
                 for row in rows[-len(prepared) :]:
                     if row.model in times:
-                        row.seconds = statistics.median(times[row.model])
-                        row.min_seconds = min(times[row.model])
+                        row.times = times[row.model]
+                        row.seconds = statistics.median(row.times)
+                        row.min_seconds = min(row.times)
             del prepared
     return rows
 
@@ -788,6 +791,8 @@ def selfy_baseline_ratios(rows: Sequence[ModelBenchmarkRow]) -> list[dict]:
     FLOPs ratio, a training step at most `TRAINING_RATIO_TARGET` times the baseline's. Also in milliseconds per
     clip: what SELFYNet adds to the baseline's time (`extra_ms_per_clip`) and what the target allows it to add
     (`budget_ms_per_clip`); unlike the ratio these do not move when the shared backbone gets faster or slower.
+    `paired_ratio_quartiles`: the quartiles of the ratios of calls timed in the same round (`None` with fewer than
+    two rounds), how far the ratio moves with the load of the moment.
     """
     timed = {(row.model, row.variant, row.batch_size): row for row in rows if row.seconds is not None}
     baselines = {model: baseline_preset(model) for model in {row.model for row in rows}}
@@ -812,9 +817,18 @@ def selfy_baseline_ratios(rows: Sequence[ModelBenchmarkRow]) -> list[dict]:
                 "meets_target": wall_ratio <= target,
                 "extra_ms_per_clip": 1e3 * (selfy.seconds - baseline.seconds) / batch,
                 "budget_ms_per_clip": (target - 1) * baseline_ms_per_clip,
+                "paired_ratio_quartiles": _paired_ratio_quartiles(selfy.times, baseline.times),
             }
         )
     return ratios
+
+
+def _paired_ratio_quartiles(
+    times: list[float] | None, baseline_times: list[float] | None
+) -> list[float] | None:
+    if not times or not baseline_times or len(times) != len(baseline_times) or len(times) < 2:
+        return None
+    return statistics.quantiles([t / b for t, b in zip(times, baseline_times)], n=4, method="inclusive")
 
 
 def selfy_block_breakdown(
@@ -916,14 +930,16 @@ def format_model_benchmark(
         lines += ["", "SELFYNet / baseline (TSM or TSN without SELFY blocks)", ""]
         lines += [
             "| model | baseline | variant | batch | wall-time ratio | FLOPs ratio | target | met "
-            "| extra ms/clip | target's ms/clip |",
-            "|" + "---|" * 10,
+            "| extra ms/clip | target's ms/clip | paired ratios q1-q3 |",
+            "|" + "---|" * 11,
         ]
         for ratio in ratios:
+            quartiles = ratio["paired_ratio_quartiles"]
+            spread = f"{quartiles[0]:.3f}-{quartiles[2]:.3f}" if quartiles else ""
             lines.append(
                 f"| {ratio['model']} | {ratio['baseline']} | {ratio['variant']} | {ratio['batch_size']} | {ratio['wall_time_ratio']:.2f} | "
                 f"{ratio['flops_ratio']:.2f} | <= {ratio['target']:.2f} | {'yes' if ratio['meets_target'] else 'no'} | "
-                f"{ratio['extra_ms_per_clip']:.1f} | <= {ratio['budget_ms_per_clip']:.1f} |"
+                f"{ratio['extra_ms_per_clip']:.1f} | <= {ratio['budget_ms_per_clip']:.1f} | {spread} |"
             )
     skipped = sorted({(row.variant, row.skipped) for row in rows if row.skipped})
     if skipped:
