@@ -438,8 +438,16 @@ def _onednn_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     key = (tuple(maps.shape), maps.dtype)
     if key not in _ONEDNN_BLOCKS:
         dense, channels = maps.to_dense(), maps.shape[1]
-        blocks = [b for b in range(1, channels + 1) if channels % b == 0]
-        matches = [b for b in blocks if torch.equal(_channel_blocked(dense, b).flatten(1), rows)]
+
+        def matches_on(count: int, blocks: list[int]) -> list[int]:
+            return [
+                b for b in blocks if torch.equal(_channel_blocked(dense[:count], b).flatten(1), rows[:count])
+            ]
+
+        # a few maps rule out the other layouts, all of them confirm the one left
+        matches = matches_on(
+            len(rows), matches_on(8, [b for b in range(1, channels + 1) if channels % b == 0])
+        )
         if len(matches) > 1:  # maps too uniform to tell (all zeros): no answer yet
             return rows, matches[0]
         if len(_ONEDNN_BLOCKS) >= _ONEDNN_BLOCKS_SIZE:
