@@ -1,4 +1,5 @@
 import copy
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForVideoClassification
 
 from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy
+from selfy_hf import stss as stss_module
 from selfy_hf.flops import count_complexity
 from selfy_hf.modeling_selfy import StssExtractor, StssIntegrator, _SmallMapConv2d, temporal_shift
 from selfy_hf.training import enable_activation_checkpointing
@@ -351,6 +353,34 @@ def test_inference_weights_are_kept_until_their_sources_change_even_through_data
     assert len(builds) == built + (len(changed) if torch.backends.mkldnn.is_available() else 1)
     expected = model(pixel_values).logits  # autograd on: the official ops, nothing cached
     torch.testing.assert_close(logits, expected.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_training_after_inference_mode_uses_no_inference_tensors(monkeypatch):
+    """Index tensors cached during a `torch.inference_mode` call (as evaluation loops run) are normal tensors: the
+    next training step saves them for backward, which autograd refuses for inference tensors."""
+    monkeypatch.setattr(stss_module, "_INDEX_CACHE", {})
+    model = tiny_model()
+    pixel_values = clip(size=32)
+    with torch.inference_mode():
+        model.eval()(pixel_values)
+    model.train()(pixel_values, labels=torch.tensor([1, 3])).loss.backward()
+    assert all(p.grad is not None for p in model.selfy.selfy_blocks["layer2"].parameters())
+
+
+def test_a_model_with_kept_inference_weights_pickles_and_copies_without_them():
+    model = _r18_with_random_statistics()
+    pixel_values = clip(size=64)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    kept = model.selfy.selfy_blocks["layer2"].integrator.fuse._inference_weights
+    assert len(kept) == (1 if torch.backends.mkldnn.is_available() else 0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert len(twin.selfy.selfy_blocks["layer2"].integrator.fuse._inference_weights) == 0
+        with torch.no_grad():
+            torch.testing.assert_close(twin(pixel_values).logits, logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("integration", "grouped_convs"), [("mlp", 4), ("fc", 1)])

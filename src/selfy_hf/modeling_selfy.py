@@ -159,6 +159,17 @@ class SelfyMaxPool2d(nn.MaxPool2d):
         return super().forward(x)
 
 
+class _KeptWeights(dict):
+    """A module's kept inference weights (`SelfyConvNormAct._prepared`): neither copied nor pickled with it, they
+    are rebuilt on demand."""
+
+    def __deepcopy__(self, memo: dict) -> _KeptWeights:
+        return _KeptWeights()
+
+    def __reduce__(self) -> tuple:
+        return _KeptWeights, ()
+
+
 class SelfyConvNormAct(nn.Module):
     """A convolution, its BatchNorm and (optionally) a ReLU; `conv` and `bn` keep the state-dict names short."""
 
@@ -168,7 +179,7 @@ class SelfyConvNormAct(nn.Module):
         norm = nn.BatchNorm3d if conv.weight.dim() == 5 else nn.BatchNorm2d
         self.bn = _zero_init_norm(num_features, norm) if zero_init else norm(num_features)
         self.activation = activation
-        self._inference_weights: dict[tuple, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self._inference_weights = _KeptWeights()
 
     def forward(self, x: torch.Tensor, **conv_kwargs) -> torch.Tensor:
         if (

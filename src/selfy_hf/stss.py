@@ -109,7 +109,10 @@ def _cached(key: tuple, build: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[
     if key not in _INDEX_CACHE:
         if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
             _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
-        _INDEX_CACHE[key] = build()
+        # Built as normal tensors even under `torch.inference_mode`: a training step may save them for backward
+        # later, which autograd refuses for inference tensors.
+        with torch.inference_mode(False):
+            _INDEX_CACHE[key] = build()
     return _INDEX_CACHE[key]
 
 
