@@ -446,7 +446,11 @@ def _onednn_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     memory = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(maps))
     memory.owner = maps  # the rows keep the buffer, and so the maps, alive
     rows = torch.frombuffer(memory, dtype=maps.dtype).view(maps.shape[0], -1)
-    key = (tuple(maps.shape), maps.dtype)
+    key = (
+        tuple(maps.shape),
+        maps.dtype,
+        torch.get_num_threads(),
+    )  # what oneDNN's choice of layout may depend on
     if key not in _ONEDNN_BLOCKS:
         dense, channels = maps.to_dense(), maps.shape[1]
 
