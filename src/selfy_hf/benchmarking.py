@@ -256,7 +256,8 @@ def benchmark_stss(
     Variants: `"auto"`, `"all_pairs"`, `"tiles"` (our `stss` with that method), `"reference"` (`stss_reference`) and
     `"einsum"` (`stss_einsum_official_style`). Inputs are L2-normalised random features. Each variant is warmed up,
     then timed `repeats` times, the variants taking turns round by round in a new (seeded) order each round, so that
-    load from elsewhere and the cache left by the variant before spread over all of them (a variant slower than `max_seconds / repeats` per run is timed at least 3 times instead); times are
+    load from elsewhere and the cache left by the variant before spread over all of them (a variant slower than
+    `max_seconds / repeats` per run is timed at least 3 times instead); times are
     medians (and minima) in milliseconds: `forward_ms` under `torch.no_grad()`, `forward_backward_ms` with the
     backward of a fixed upstream gradient. Peak memory (MiB above what the inputs already hold): on CUDA
     `torch.cuda.max_memory_allocated`, on CPU the resident-set high-water mark of one run in a fresh process.
@@ -321,11 +322,11 @@ def _benchmark_stss_case(
         once = max(_timed(function, case, features, upstream, device) for _ in range(max(warmup, 1)))
         runs[variant] = max(3, min(repeats, int(max_seconds / max(once, 1e-9))))
         times[variant] = {"forward": [], "forward_backward": []}
-    order = random.Random(seed)
+    shuffler = random.Random(seed)
     for round_index in range(max(runs.values())):
         # A new order each round: whichever variant runs right after the einsum's large buffers finds a cold cache
         # (always the same one in a fixed order: `auto` timed 1.5x slower than `all_pairs`, the same computation).
-        for variant in order.sample(list(functions), len(functions)):
+        for variant in shuffler.sample(list(functions), len(functions)):
             function = functions[variant]
             if round_index < runs[variant]:
                 times[variant]["forward"].append(_timed(function, case, features, None, device))
@@ -831,9 +832,10 @@ def selfy_baseline_ratios(rows: Sequence[ModelBenchmarkRow]) -> list[dict]:
 def _paired_ratio_quartiles(
     times: list[float] | None, baseline_times: list[float] | None
 ) -> list[float] | None:
-    if not times or not baseline_times or len(times) != len(baseline_times) or len(times) < 2:
+    if times is None or baseline_times is None or len(times) < 2:
         return None
-    return statistics.quantiles([t / b for t, b in zip(times, baseline_times)], n=4, method="inclusive")
+    ratios = [t / b for t, b in zip(times, baseline_times, strict=True)]  # the same rounds
+    return statistics.quantiles(ratios, n=4, method="inclusive")
 
 
 def selfy_block_breakdown(

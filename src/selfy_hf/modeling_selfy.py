@@ -365,17 +365,16 @@ class SelfyConvNormAct(nn.Module):
         51 -> 43 ms per 4 clips on an Intel Xeon). The product runs on oneDNN tensors: its output is then a oneDNN
         tensor in the plain NCHW layout the next conv reads fastest, with no copy of the 4x larger output into one."""
         stride, padding = self.conv.stride[-1], self.conv.padding[-1]
-        out_shape = _conv_output_shape(x.shape, self.conv.weight, stride, padding)
+        out_shape = _conv_output_shape(x.shape, self.conv.weight.shape, stride, padding)
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             weight, bias = self._folded_as(self.conv.weight.squeeze(2), x.dtype)
             operator = _conv_operator(weight, x.shape[1:], stride, padding, False, False)
             bias = bias.repeat_interleave(out_shape[2] * out_shape[3])
-            return operator.t().contiguous(), bias
+            return operator.t().contiguous().to_mkldnn(), bias.to_mkldnn()
 
         operator, bias = self._prepared(("dense", x.dtype, x.shape[1:]), build)
-        rows = x.reshape(x.shape[0], -1).to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(rows, operator.to_mkldnn(), bias.to_mkldnn())
+        out = torch._C._nn.mkldnn_linear(x.reshape(x.shape[0], -1).to_mkldnn(), operator, bias)
         out = torch.ops.aten._mkldnn_reshape(out, list(out_shape))
         return out.relu_() if self.activation else out
 
@@ -446,11 +445,8 @@ def _onednn_rows(maps: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     memory = (ctypes.c_char * nbytes).from_address(torch.ops.mkldnn.data_ptr(maps))
     memory.owner = maps  # the rows keep the buffer, and so the maps, alive
     rows = torch.frombuffer(memory, dtype=maps.dtype).view(maps.shape[0], -1)
-    key = (
-        tuple(maps.shape),
-        maps.dtype,
-        torch.get_num_threads(),
-    )  # what oneDNN's choice of layout may depend on
+    # what oneDNN's choice of layout may depend on
+    key = (tuple(maps.shape), maps.dtype, torch.get_num_threads())
     if key not in _ONEDNN_BLOCKS:
         dense, channels = maps.to_dense(), maps.shape[1]
 
@@ -676,7 +672,7 @@ def _input_row_layout(
     (`_weight_entries`) of their operators stacked."""
     channels, height, width = in_shape
     kernel = weight_shape[-2]
-    out_height = (height + 2 * padding - kernel) // stride + 1
+    out_height = _conv_output_shape((1, *in_shape), weight_shape, stride, padding)[2]
     dense = _operator_index(weight_shape, in_shape, stride, padding, True, True, device)[0]
     dense = dense.view(height, width * channels, out_height, -1)
     # (kernel rows, the run's next row) -> [first row, first gradient row, count]
@@ -711,7 +707,7 @@ class _DenseConvBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, gamma, beta, stride: int, padding: int, eps: float, activation: bool):
         rows = x.reshape(x.shape[0], -1).contiguous()
         operator = _conv_operator(weight, x.shape[1:], stride, padding, False, True)
-        out_shape = _conv_output_shape(x.shape, weight, stride, padding)
+        out_shape = _conv_output_shape(x.shape, weight.shape, stride, padding)
         positions = out_shape[2] * out_shape[3]
         input_mean = rows.sum(0) / rows.shape[0]
         centered = rows - input_mean
@@ -817,10 +813,12 @@ def _small_maps(x: torch.Tensor, most_channels: int) -> bool:
     return x.shape[1] <= most_channels and x.shape[-2] * x.shape[-1] <= 81
 
 
-def _conv_output_shape(shape: torch.Size, weight: torch.Tensor, stride: int, padding: int) -> tuple[int, ...]:
+def _conv_output_shape(
+    shape: torch.Size, weight_shape: torch.Size, stride: int, padding: int
+) -> tuple[int, ...]:
     batch, _, height, width = shape
-    size = weight.shape[-1]
-    return (batch, weight.shape[0], *((n + 2 * padding - size) // stride + 1 for n in (height, width)))
+    size = weight_shape[-1]
+    return (batch, weight_shape[0], *((n + 2 * padding - size) // stride + 1 for n in (height, width)))
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
