@@ -657,14 +657,17 @@ def test_input_gradient_by_rows_is_conv_input_gradient(size, kernel, stride, pad
     torch.testing.assert_close(ours, expected)
 
 
-def _assert_planar_training_matches_official(layer: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
-    """One training step per input through `layer.forward_planar` against the official Conv3d + BN3d (+ ReLU) on a
-    copy: channels-last output, output and gradients (input, conv weight, BN affine), then the running statistics."""
+def _assert_planar_training_matches_official(
+    layer: torch.nn.Module, inputs: list[torch.Tensor], method: str = "forward_planar"
+) -> None:
+    """One training step per input through `layer.forward_planar` (or `method`) against the official Conv3d + BN3d
+    (+ ReLU) on a copy: channels-last output, output and gradients (input, conv weight, BN affine), then the running
+    statistics."""
     official = copy.deepcopy(layer).train()
     layer.train()
     for x in inputs:
         x = x.requires_grad_()
-        out = layer.forward_planar(x)
+        out = getattr(layer, method)(x)
         expected = official.bn(official.conv(x.unsqueeze(2))).squeeze(2)
         expected = F.relu(expected) if layer.activation else expected
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -707,6 +710,80 @@ def test_centred_conv_batch_norm_is_conv_batch_norm_relu(size, channels):
     _assert_planar_training_matches_official(
         layer, [x.contiguous(memory_format=torch.channels_last) for x in inputs]
     )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels, size, padding", [((64, 64), 3, 1), ((320, 64), 3, 1), ((6, 5), 1, 0)])
+def test_centred_channels_last_conv_is_conv_batch_norm_relu(channels, size, padding, momentum):
+    """The integration's layers in CPU training (`forward_centred`: the 2D conv over channels-last maps subtracts
+    its output's batch mean, PyTorch's channels-last batch norm follows): output, gradients (input, weight, BN
+    affine) and running statistics over two steps are PyTorch's Conv3d + BatchNorm3d + ReLU in float64."""
+    torch.manual_seed(0)
+    layer = modeling_selfy.SelfyConvNormAct(
+        modeling_selfy._conv1x3x3(*channels, padding=padding, size=size), channels[1]
+    ).double()
+    layer.bn.momentum = momentum
+    _randomise_batch_norms(layer)
+    inputs = [torch.rand(12, channels[0], 7, 7, dtype=torch.float64) + step for step in range(2)]
+    _assert_planar_training_matches_official(
+        layer, [x.contiguous(memory_format=torch.channels_last) for x in inputs], "forward_centred"
+    )
+
+
+def test_centred_channels_last_conv_float32_is_as_accurate_as_pytorch_nchw():
+    """In float32, with conv outputs hundreds of standard deviations from zero, the centred layer's output and
+    gradients stay within ~3.5e-6 of float64 (PyTorch's NCHW conv + batch norm: ~1e-6, its conv weight gradient
+    8e-6; its channels-last batch norm without the centring: output 2e-5, conv weight gradient 1.2e-4). No ReLU:
+    its mask flips at pre-activations within rounding of zero in either implementation."""
+    torch.manual_seed(0)
+    layer = modeling_selfy.SelfyConvNormAct(modeling_selfy._conv1x3x3(64, 64), 64, activation=False).train()
+    with torch.no_grad():
+        layer.conv.weight.abs_()  # positive weights over positive inputs: a mean of many standard deviations
+    x64 = torch.rand(40, 64, 14, 14, dtype=torch.float64) * 0.005 + 1
+    upstream = torch.randn(40, 64, 14, 14, dtype=torch.float64)
+
+    def run(module, x, centred):
+        x = x.detach().requires_grad_()
+        out = module.forward_centred(x) if centred else module.bn(module.conv(x.unsqueeze(2))).squeeze(2)
+        return [out, *torch.autograd.grad(out, [x, *module.parameters()], upstream.to(x.dtype))]
+
+    reference = run(copy.deepcopy(layer).double(), x64, centred=False)
+    ours = run(copy.deepcopy(layer), x64.float().contiguous(memory_format=torch.channels_last), centred=True)
+    pytorch = run(copy.deepcopy(layer), x64.float(), centred=False)
+
+    def errors(results):
+        return [
+            ((t.double() - exact).abs().max() / exact.abs().max()).item()
+            for t, exact in zip(results, reference)
+        ]
+
+    for ours_error, pytorch_error in zip(errors(ours), errors(pytorch)):
+        assert ours_error <= max(4 * pytorch_error, 5e-6)
+
+
+def test_training_integrator_channels_last_is_the_official_ncdhw_ops():
+    """CPU training of the integration channels-last (`_train_channels_last`: the per-offset layers over every
+    offset's maps as one batch, the fusing conv over the offsets' channels, each through `forward_centred`) gives
+    the output, gradients and running statistics of the official 5D ops (float64, two steps)."""
+    torch.manual_seed(0)
+    ours = StssIntegrator(SelfyConfig.from_preset("selfynet-tsm-r18"), 8).double().train()
+    _randomise_batch_norms(ours)
+    official = copy.deepcopy(ours)
+    official._trains_channels_last = lambda features: False
+    for _ in range(2):
+        features = torch.randn(2, 4, 7, 7, 5, 64, dtype=torch.float64, requires_grad=True)
+        residual = torch.randn(8, 8, 14, 14, dtype=torch.float64, requires_grad=True)
+        assert ours._trains_channels_last(features)
+        out, expected = ours(features, residual), official(features, residual)
+        torch.testing.assert_close(out, expected)
+        upstream = torch.randn_like(out)
+        for a, b in zip(
+            torch.autograd.grad(out, [features, residual, *ours.parameters()], upstream),
+            torch.autograd.grad(expected, [features, residual, *official.parameters()], upstream),
+        ):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(ours.buffers(), official.buffers()):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("stride, padding", [(2, 1), (1, 1), (2, 0), (1, 2)])
