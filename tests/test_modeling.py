@@ -786,6 +786,17 @@ def test_training_integrator_channels_last_is_the_official_ncdhw_ops():
         torch.testing.assert_close(a, b)
 
 
+def test_integrator_trains_channels_last_only_on_batch_statistics_in_fp32_or_fp64():
+    integrator = StssIntegrator(SelfyConfig.from_preset("selfynet-tsm-r18"), 8)
+    features = torch.randn(1, 2, 7, 7, 5, 64)
+    assert integrator.train()._trains_channels_last(features)
+    assert integrator._trains_channels_last(features.double())
+    assert not integrator._trains_channels_last(features.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not integrator._trains_channels_last(features)
+    assert not integrator.eval()._trains_channels_last(features)  # running statistics: the official ops
+
+
 @pytest.mark.parametrize("stride, padding", [(2, 1), (1, 1), (2, 0), (1, 2)])
 def test_conv_output_mean_is_the_mean_of_the_conv_output(stride, padding):
     x = torch.randn(7, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)

@@ -203,6 +203,11 @@ class SelfyConvNormAct(nn.Module):
         """Inference: the BN is a per-channel affine map, folded into the conv (exact up to rounding)."""
         return not self.bn.training and self.bn.running_var is not None and self.conv.bias is None
 
+    def uses_batch_statistics(self) -> bool:
+        """Whether the BN normalises with the batch's statistics (training, or no running statistics kept) after a
+        conv without bias: what `forward_centred` computes."""
+        return (self.bn.training or self.bn.running_var is None) and self.conv.bias is None
+
     def _folded(self, weight: torch.Tensor, channel_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """`weight` (output channels on `channel_dim`) and a bias that give conv + BN as one conv."""
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
@@ -1208,7 +1213,7 @@ class StssIntegrator(nn.Module):
             and features.device.type == "cpu"
             and features.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu")
-            and not any(layer.folds_norm() for layer in [*self.layers, self.fuse, self.project])
+            and all(layer.uses_batch_statistics() for layer in [*self.layers, self.fuse, self.project])
             and _eager(features)
         )
 
