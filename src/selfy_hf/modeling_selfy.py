@@ -323,22 +323,27 @@ class SelfyConvNormAct(nn.Module):
         pass for the mean and the one subtracting it (two of its passes over the 4 -> 16 and 16 -> 64 convs' 12-18
         million outputs per 4 clips). fp32/fp64 only: a bias rounded to half precision would leave the output's mean
         off zero. Channels-last out."""
+        centred, mean = self._centred_conv(x, weight, _SmallMapConv2d.apply)
+        return self._normalize_planar(centred, mean)
+
+    def _centred_conv(
+        self, x: torch.Tensor, weight: torch.Tensor, conv: Callable[..., torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`conv(x, weight, bias, stride, padding)` with minus its output's batch mean as the bias, that mean computed
+        from the input (`_conv_output_mean`); the centred output and the mean. No gradient flows through the mean:
+        a batch norm's output does not depend on a shift of its input."""
         stride, padding = self.conv.stride[-1], self.conv.padding[-1]
         mean = _conv_output_mean(x.detach(), weight.detach(), stride, padding)
-        centred = _SmallMapConv2d.apply(x, weight, -mean, stride, padding)
-        return self._normalize_planar(centred, mean)
+        return conv(x, weight, -mean, stride, padding), mean
 
     def forward_centred(self, x: torch.Tensor) -> torch.Tensor:
         """Training (BN on batch statistics) of the (1, k, k) conv over channels-last `(N, C, X, Y)` maps as the 2D
         conv, its BN the channels-last one of PyTorch; channels-last out. That BN sums sequentially and forms its
         backward from moments, which lose accuracy on values far from zero (conv weight gradient off by 1.2e-4 in
         float32 for outputs hundreds of standard deviations from zero, NCHW's 8e-6): the conv subtracts its output's
-        batch mean as its bias (`_conv_output_mean`; 3e-6 then; no gradient flows through it, as the BN's output
-        does not depend on a shift of its input), and the running statistics are recorded with it added back."""
-        weight = self.conv.weight.squeeze(2)
-        stride, padding = self.conv.stride[-1], self.conv.padding[-1]
-        mean = _conv_output_mean(x.detach(), weight.detach(), stride, padding)
-        centred = F.conv2d(x, weight, -mean, stride, padding)
+        batch mean as its bias (`_centred_conv`; 3e-6 then), and the running statistics are recorded with it added
+        back."""
+        centred, mean = self._centred_conv(x, self.conv.weight.squeeze(2), F.conv2d)
         norm = self.bn
         out, centred_mean, invstd = torch.ops.aten.native_batch_norm(
             centred, norm.weight, norm.bias, None, None, True, 0.0, norm.eps
@@ -822,7 +827,7 @@ def _kernel_hits(
     """`(kernel, size)`, 1 where some output position reads input index `y` at kernel index `i`, else 0."""
 
     def build() -> tuple[torch.Tensor]:
-        outputs = (size + 2 * padding - kernel) // stride + 1
+        outputs = _conv_output_size(size, kernel, stride, padding)
         read = torch.arange(kernel, device=device)[:, None] + stride * torch.arange(outputs, device=device)
         hits = torch.zeros(kernel, size + 2 * padding, dtype=dtype, device=device)
         return (hits.scatter_(1, read, 1.0)[:, padding : padding + size].contiguous(),)
@@ -862,8 +867,12 @@ def _conv_output_shape(
     shape: torch.Size, weight_shape: torch.Size, stride: int, padding: int
 ) -> tuple[int, ...]:
     batch, _, height, width = shape
-    size = weight_shape[-1]
-    return (batch, weight_shape[0], *((n + 2 * padding - size) // stride + 1 for n in (height, width)))
+    kernel = weight_shape[-1]
+    return (batch, weight_shape[0], *(_conv_output_size(n, kernel, stride, padding) for n in (height, width)))
+
+
+def _conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -1086,7 +1095,7 @@ class StssExtractor(nn.Module):
                 if index < 3:
                     stride = 1 if index == 0 else 2
                     layers.append(SelfyConvNormAct(_conv1x3x3(c_in, c_out, stride), c_out))
-                    size = (size - 1) // stride + 1
+                    size = _conv_output_size(size, 3, stride, padding=1)
                 else:
                     layers.append(SelfyConvNormAct(_conv1x3x3(c_in, c_out, padding=0, size=size), c_out))
             self.layers = nn.ModuleList(layers)

@@ -209,11 +209,11 @@ def _gather_windows(
     products: torch.Tensor, index: torch.Tensor, flat_index: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Every query's window out of the `(B, pairs, S, S)` products, by the layout's flat `index`. `flat_index`, the
-    same as int32, serves a single clip: a gather along one row runs on one thread, `index_select` over the
+    same as int32, is given for a single clip: a gather along one row runs on one thread, `index_select` over the
     flattened products on all of them (CPU, the R18 block's clip: 1.17 -> 0.75 ms)."""
-    batch = products.shape[0]
-    if flat_index is not None and batch == 1:
+    if flat_index is not None:
         return products.reshape(-1).index_select(0, flat_index)[None]
+    batch = products.shape[0]
     return products.reshape(batch, -1).gather(1, index.expand(batch, -1))
 
 
