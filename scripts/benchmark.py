@@ -36,6 +36,7 @@ from selfy_hf.benchmarking import (
     selfy_baseline_ratios,
     selfy_block_breakdown,
 )
+from selfy_hf.native_extraction import extraction_kernel
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "in again on every call; default: leave the allocator as it is",
     )
     parser.add_argument(
+        "--native",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the native extraction kernel for CPU inference (default: on where it builds; --no-native runs the "
+        "PyTorch/oneDNN ops, as SELFY_HF_NATIVE_KERNELS=0 does)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="per-module time of the SELFY blocks (CPU, eager)"
     )
     parser.add_argument("--json", help="also write every number to this JSON file")
@@ -131,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if not args.native:
+        os.environ["SELFY_HF_NATIVE_KERNELS"] = "0"
+    native = (
+        extraction_kernel(9, (4, 16, 64, 64), 128) is not None
+    )  # the presets' geometry, built here if need be
     retained = args.allocator == "retain" and retain_freed_memory()
     models = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -139,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.image_size}px, "
         f"batch sizes {args.batch_sizes}, median of {iters} after {warmup} warm-up, "
-        f"allocator {'retaining freed memory' if retained else 'default'}\n"
+        f"allocator {'retaining freed memory' if retained else 'default'}, "
+        f"native extraction kernel {'on' if native else 'off'}\n"
     )
     peaks = None if args.no_peaks else measure_peaks(device, amp_dtype)
     rows = benchmark_models(
@@ -190,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "allocator": "retain" if retained else "default",
+            "native_extraction_kernel": native,
             "peaks_gflops": peaks,
             "rows": [row.as_dict() for row in rows],
             "ratios": selfy_baseline_ratios(rows),

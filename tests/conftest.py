@@ -6,6 +6,8 @@ import tempfile
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="selfy-tests-hf-home-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The native extraction kernel is compiled on first use: into a directory of the test run, not the user's cache.
+os.environ["SELFY_HF_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="selfy-tests-kernels-")
 
 import matplotlib  # noqa: E402
 import pytest  # noqa: E402

@@ -258,7 +258,8 @@ def test_measure_peaks_and_block_breakdown():
     assert all(ms > 0 and 0 < pct <= 100 for name, ms, pct in breakdown if name != "model")
 
 
-def test_benchmark_script_prints_tables_and_json(tmp_path, capsys):
+def test_benchmark_script_prints_tables_and_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SELFY_HF_NATIVE_KERNELS", "1")  # restored after `--no-native` sets it off
     script = _load_script("benchmark")
     output = tmp_path / "bench.json"
     argv = ["--models", "tsm-tiny,selfynet-tiny", "--variants", "eager,train_eager", "--batch-sizes", "1"]
@@ -275,14 +276,17 @@ def test_benchmark_script_prints_tables_and_json(tmp_path, capsys):
         "motion",
         "--data-clips",
         "1",
+        "--no-native",
         "--json",
         str(output),
     ]
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
+    assert "native extraction kernel off" in printed
     assert "| selfynet-tiny | 1 |" in printed and "| selfynet-tiny | tsm-tiny | eager | 1 |" in printed
     assert "| source | video | mode | clips/s | ms/clip | tsm-tiny | selfynet-tiny |" in printed
     report = json.loads(output.read_text())
+    assert report["native_extraction_kernel"] is False
     assert len(report["rows"]) == 4 and len(report["ratios"]) == 2
     assert [(row["source"], row["mode"]) for row in report["data"]] == [
         ("motion", "train"),

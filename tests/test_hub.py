@@ -34,6 +34,7 @@ TOKEN = "hf_fake_token"
 CODE_FILES = [
     "configuration_selfy.py",
     "modeling_selfy.py",
+    "native_extraction.py",
     "stss.py",
     "video_io.py",
     "video_processing_selfy.py",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForVideoClassification
 
-from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy
+from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy, native_extraction
 from selfy_hf import stss as stss_module
 from selfy_hf.flops import count_complexity
 from selfy_hf.modeling_selfy import StssExtractor, StssIntegrator, _SmallMapConv2d, temporal_shift
@@ -247,18 +247,24 @@ def _r18_with_random_statistics(**overrides) -> SelfyForVideoClassification:
 
 # SELFY block maps of 14x14 and 13x13 (odd: 7x7 after its stride 2)
 @pytest.mark.parametrize("size", [112, 100])
-def test_inference_fast_paths_compute_the_official_ops(size, monkeypatch):
-    """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the extraction through oneDNN's fused
-    ops in its blocked layout, the integration as channels-last grouped convs, and adds the upsampling projection
-    to the input in place. The logits must be those of the official ops, computed in float64 with autograd on
-    (which turns every inference-only path off)."""
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_fast_paths_compute_the_official_ops(size, native, monkeypatch):
+    """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the similarities and the extraction in
+    the native kernel (`native`) or the extraction through oneDNN's fused ops in its blocked layout, the
+    integration as channels-last grouped convs, and adds the upsampling projection to the input in place. The
+    logits must be those of the official ops, computed in float64 with autograd on (which turns every
+    inference-only path off)."""
+    if native and native_extraction.extraction_kernel(9, (4, 16, 64, 64), 128) is None:
+        pytest.skip("the native extraction kernel cannot be built here")
+    monkeypatch.setenv("SELFY_HF_NATIVE_KERNELS", "1" if native else "0")
     calls = _count_inference_fast_paths(monkeypatch)
     model = _r18_with_random_statistics()
     pixel_values = clip(size=size)
     with torch.no_grad():
         logits = model(pixel_values).logits
     onednn = torch.backends.mkldnn.is_available()
-    assert calls == {"onednn": 4 if onednn else 0, "grouped": 4 if onednn else 0, "projection": 1}
+    extraction = 0 if native or not onednn else 4
+    assert calls == {"onednn": extraction, "grouped": 4 if onednn else 0, "projection": 1}
     expected = copy.deepcopy(model).double()(pixel_values.double()).logits
     assert calls["projection"] == 1, "autograd on must turn the inference-only paths off"
     torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
@@ -306,6 +312,7 @@ def test_onednn_rows_refuse_padded_blocks_and_wait_out_uniform_maps(monkeypatch)
 @needs_onednn
 def test_extraction_inference_without_in_place_rows_reads_the_dense_maps(monkeypatch):
     """Where the last conv's input is in no layout `_onednn_rows` knows, it reads `to_dense`: the same features."""
+    monkeypatch.setenv("SELFY_HF_NATIVE_KERNELS", "0")  # the oneDNN path, not the native kernel
     extractor = StssExtractor(SelfyConfig.from_preset("selfynet-tsm-r18")).eval()
     _randomise_batch_norms(extractor)
     similarity = torch.randn(1, 2, 3, 3, 5, 9, 9)

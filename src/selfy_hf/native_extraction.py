@@ -1,0 +1,442 @@
+"""
+The SELFY block's conv feature extraction (paper 3.2.1: four (1, 3, 3) convs, each with its BN and a ReLU, over every
+(U, V) similarity map) as one C kernel, for eval-mode fp32 inference on CPU.
+
+The kernel takes 16 similarity windows at a time through all four convs (their BNs folded into weights and biases),
+so the 1 -> 4 -> 16 -> 64 channel intermediates (~45 MB per SELFYNet-TSM-R18 clip) stay in the core's cache instead
+of passing through memory between separate convs. The first conv is vectorised over the windows, the others over
+output channels as small register-blocked matrix products that skip the taps on the stride-2 convs' padding.
+
+It is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this CPU (`-march=native`, AVX-512
+and OpenMP required) and kept in `$SELFY_HF_KERNEL_CACHE` (default `~/.cache/selfy_hf/kernels`), one library per
+geometry and CPU. Where it cannot be built (no compiler, no AVX-512, a geometry it does not cover, an unwritable
+cache) [`extraction_kernel`] returns None and the extractor runs its PyTorch/oneDNN ops; `SELFY_HF_NATIVE_KERNELS=0`
+turns it off. The source travels with the model code (`trust_remote_code`) as the string below.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_LANES = 16  # fp32 values in an AVX-512 vector: the kernel's tile of windows and its block of output channels
+_MAX_TILE_BYTES = 1 << 20  # a thread's intermediates for one tile, on its stack
+
+_SOURCE = r"""
+#include <stdint.h>
+#ifndef __AVX512F__
+#error "the SELFY extraction kernel is written for AVX-512"
+#endif
+
+#define LANES 16
+#define TILE LANES
+#define P1 (WIN * WIN)
+#define P2 (W2 * W2)
+#define P3 (W3 * W3)
+/* Register blocking of the products: 16 accumulators, as (16 / VECS) windows x VECS vectors of output channels. */
+#define VECS(c) ((c) % (4 * LANES) == 0 ? 4 : (c) % (2 * LANES) == 0 ? 2 : 1)
+
+typedef float vec __attribute__((vector_size(LANES * 4)));
+typedef float uvec __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
+
+static inline vec relu(vec x) { return (vec)((ivec)x & (x > (vec){0})); }
+static inline vec load(const float *p) { return *(const uvec *)p; }
+static inline void store(float *p, vec v) { *(uvec *)p = v; }
+
+/* out[r * out_rows + o] = relu(bias[o] + sum_k x[r * x_rows + x_at[k]] * w[w_at[k] + o]) for windows r < rows. */
+static inline __attribute__((always_inline)) void product(
+    const float *x, int x_rows, const int *x_at, const int *w_at, int depth, const float *w, const float *bias,
+    int outputs, float *out, int64_t out_rows, int rows, const int vecs) {
+    const int block = 16 / vecs;
+    for (int o = 0; o < outputs; o += vecs * LANES)
+        for (int r0 = 0; r0 < TILE; r0 += block) {
+            vec acc[16];
+            for (int r = 0; r < block; r++)
+                for (int v = 0; v < vecs; v++) acc[r * vecs + v] = load(bias + o + v * LANES);
+            for (int k = 0; k < depth; k++) {
+                const float *wk = w + w_at[k] + o, *xk = x + r0 * x_rows + x_at[k];
+                vec wv[4];
+                for (int v = 0; v < vecs; v++) wv[v] = load(wk + v * LANES);
+#pragma GCC unroll 16
+                for (int r = 0; r < block; r++) {
+                    float xr = xk[r * x_rows];
+                    for (int v = 0; v < vecs; v++) acc[r * vecs + v] += wv[v] * xr;
+                }
+            }
+            for (int r = 0; r < block && r0 + r < rows; r++)
+                for (int v = 0; v < vecs; v++)
+                    store(out + (r0 + r) * out_rows + o + v * LANES, relu(acc[r * vecs + v]));
+        }
+}
+
+/* Offsets of the in-map taps of a 3x3 stride-2 conv (padding 1) at output (i, j): into x by its channel and position
+   steps, into w packed [tap][input channel][output channel]. */
+static int stride2_taps(int i, int j, int size, int channels, int outputs, int x_channel, int x_position,
+                        int *x_at, int *w_at) {
+    int n = 0;
+    for (int ki = 0; ki < 3; ki++)
+        for (int kj = 0; kj < 3; kj++) {
+            int ii = 2 * i + ki - 1, jj = 2 * j + kj - 1;
+            if (ii < 0 || ii >= size || jj < 0 || jj >= size) continue;
+            for (int c = 0; c < channels; c++, n++) {
+                x_at[n] = c * x_channel + (ii * size + jj) * x_position;
+                w_at[n] = ((ki * 3 + kj) * channels + c) * outputs;
+            }
+        }
+    return n;
+}
+
+typedef struct {
+    int depth2[P2], x2[P2][9 * C1], w2[P2][9 * C1];
+    int depth3[P3], x3[P3][9 * C2], w3[P3][9 * C2];
+    int x4[P3 * C3], w4[P3 * C3];
+} tables;
+
+static void build_tables(tables *t) {
+    for (int p = 0; p < P2; p++)
+        t->depth2[p] = stride2_taps(p / W2, p % W2, WIN, C1, C2, P1 * LANES, LANES, t->x2[p], t->w2[p]);
+    for (int p = 0; p < P3; p++)
+        t->depth3[p] = stride2_taps(p / W3, p % W3, W2, C2, C3, 1, C2, t->x3[p], t->w3[p]);
+    for (int k = 0; k < P3 * C3; k++) {
+        t->x4[k] = k;
+        t->w4[k] = k * C4;
+    }
+}
+
+/* The four convs over a tile: x0[p] holds value p of each window (one lane per window); window r's features go to
+   out + r * out_rows. */
+static void convolve(const vec *x0, int rows, float *out, int64_t out_rows, const tables *t, const float *const *w,
+                     const float *const *b) {
+    vec a1[C1][P1]; /* the first conv's output, vectorised over the windows as its input */
+    float a2[TILE][P2][C2] __attribute__((aligned(64)));
+    float a3[TILE][P3][C3] __attribute__((aligned(64)));
+    for (int o = 0; o < C1; o++)
+        for (int i = 0; i < WIN; i++)
+            for (int j = 0; j < WIN; j++) {
+                vec acc = (vec){0} + b[0][o];
+                for (int ki = 0; ki < 3; ki++)
+                    for (int kj = 0; kj < 3; kj++) {
+                        int ii = i + ki - 1, jj = j + kj - 1;
+                        if (ii >= 0 && ii < WIN && jj >= 0 && jj < WIN)
+                            acc += w[0][o * 9 + ki * 3 + kj] * x0[ii * WIN + jj];
+                    }
+                a1[o][i * WIN + j] = relu(acc);
+            }
+    for (int p = 0; p < P2; p++)
+        product((const float *)a1, 1, t->x2[p], t->w2[p], t->depth2[p], w[1], b[1], C2, a2[0][p], P2 * C2, TILE,
+                VECS(C2));
+    for (int p = 0; p < P3; p++)
+        product(a2[0][0], P2 * C2, t->x3[p], t->w3[p], t->depth3[p], w[2], b[2], C3, a3[0][p], P3 * C3, TILE,
+                VECS(C3));
+    product(a3[0][0], P3 * C3, t->x4, t->w4, P3 * C3, w[3], b[3], C4, out, out_rows, rows, VECS(C4));
+}
+
+/* windows: (n, WIN * WIN) similarity windows; out: (n, C4) features. w[0]: [output][tap]; w[1..3]:
+   [tap][input][output]. */
+void selfy_extract(const float *windows, float *out, int64_t n, const float *const *w, const float *const *b,
+                   int threads) {
+    tables t;
+    build_tables(&t);
+    int64_t tiles = (n + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < tiles; i++) {
+        int64_t start = i * TILE;
+        int rows = n - start < TILE ? (int)(n - start) : TILE;
+        vec x0[P1];
+        for (int p = 0; p < P1; p++) {
+            vec v = {0};
+            for (int r = 0; r < rows; r++) v[r] = windows[(start + r) * P1 + p];
+            x0[p] = v;
+        }
+        convolve(x0, rows, out + start * C4, C4, &t, w, b);
+    }
+}
+
+#ifdef CH
+static const float zero_row[CH] __attribute__((aligned(64)));
+
+/* Lane i of the result: the sum of a[i]'s lanes. A transpose-and-add tree; each level halves the vectors and keeps
+   the lanes in order. */
+static inline vec sum_lanes(const vec a[16]) {
+    typedef int32_t mask __attribute__((vector_size(LANES * 4)));
+    static const mask low[4] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+        {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+        {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}};
+    static const mask high[4] = {
+        {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+        {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
+        {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
+        {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+    vec v[16];
+    for (int i = 0; i < 16; i++) v[i] = a[i];
+    for (int level = 0, n = 16; n > 1; level++, n /= 2)
+        for (int j = 0; j < n / 2; j++)
+            v[j] = __builtin_shuffle(v[2 * j], v[2 * j + 1], low[level]) +
+                   __builtin_shuffle(v[2 * j], v[2 * j + 1], high[level]);
+    return v[0];
+}
+
+/* x0[p] = the similarities at displacement p (one lane per window) of a tile's windows: positions m0.. (over clips,
+   frames and the map) at temporal offset `offset`, zero beyond the clip or the map. Per window, its query stays in
+   registers against each neighbour; 16 dot products are summed at once. Neighbouring positions share most of their
+   keys, which stay in cache from one window to the next. */
+static void similarities(const float *features, int64_t m0, int rows, int frames, int height, int width, int offset,
+                         vec *x0) {
+    float *x0f = (float *)x0;
+    for (int r = 0; r < TILE; r++) {
+        int64_t m = m0 + r, frame = m / (height * width);
+        int at = (int)(m % (height * width)), t = (int)(frame % frames);
+        int y = at / width - WIN / 2, x = at % width - WIN / 2;
+        const float *keys = r < rows && t + offset >= 0 && t + offset < frames
+                                ? features + (frame + offset) * (int64_t)height * width * CH : 0;
+        if (!keys) {
+            for (int p = 0; p < P1; p++) x0f[p * LANES + r] = 0;
+            continue;
+        }
+        vec q[CH / LANES];
+        for (int c = 0; c < CH / LANES; c++) q[c] = load(features + m * CH + c * LANES);
+        for (int p0 = 0; p0 < P1; p0 += 16) {
+            vec dots[16];
+            for (int i = 0; i < 16; i++) {
+                int p = p0 + i, ky = y + p / WIN, kx = x + p % WIN;
+                const float *k = p < P1 && ky >= 0 && ky < height && kx >= 0 && kx < width
+                                     ? keys + ((int64_t)ky * width + kx) * CH : zero_row;
+                vec even = q[0] * load(k), odd = {0}; /* two chains of FMAs */
+                for (int c = 1; c < CH / LANES; c += 2) {
+                    odd += q[c] * load(k + c * LANES);
+                    if (c + 1 < CH / LANES) even += q[c + 1] * load(k + (c + 1) * LANES);
+                }
+                dots[i] = even + odd;
+            }
+            vec sums = sum_lanes(dots);
+            for (int i = 0; i < 16 && p0 + i < P1; i++) x0f[(p0 + i) * LANES + r] = sums[i];
+        }
+    }
+}
+
+/* features: (clips * frames, height, width, CH), channels last (L2-normalised for cosine similarity); out: (clips *
+   frames * height * width, count, C4), the features of every position's windows at the `count` temporal offsets. */
+void selfy_stss_extract(const float *features, int64_t clips, int frames, int height, int width,
+                        const int32_t *offsets, int count, float *out, const float *const *w, const float *const *b,
+                        int threads) {
+    tables t;
+    build_tables(&t);
+    int64_t positions = clips * frames * height * width, tiles = (positions + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < tiles * count; i++) {
+        int l = (int)(i / tiles);
+        int64_t m0 = i % tiles * TILE;
+        int rows = positions - m0 < TILE ? (int)(positions - m0) : TILE;
+        vec x0[P1];
+        similarities(features, m0, rows, frames, height, width, offsets[l], x0);
+        convolve(x0, rows, out + (m0 * count + l) * C4, (int64_t)count * C4, &t, w, b);
+    }
+}
+#endif
+"""
+
+
+def _stride2_size(size: int) -> int:
+    return (size - 1) // 2 + 1  # 3x3 kernel, stride 2, padding 1
+
+
+class ExtractionKernel:
+    """The compiled kernel of one geometry. `__call__`: `(N, U*U)` fp32 similarity windows in, `(N, C4)` features
+    out. `from_features` (where built with the correlation's channel count): the correlation's input features in,
+    the same features out, the similarities computed tile by tile inside the kernel and never stored."""
+
+    def __init__(self, library: ctypes.CDLL, window: int, channels: tuple[int, ...], hidden: int | None):
+        self.window, self.channels, self.hidden = window, channels, hidden
+        pointer, pointers, size = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64
+        self._extract = library.selfy_extract
+        self._extract.argtypes = [pointer, pointer, size, pointers, pointers, ctypes.c_int]
+        self._extract.restype = None
+        if hidden is not None:
+            self._stss_extract = library.selfy_stss_extract
+            number = ctypes.c_int
+            self._stss_extract.argtypes = [pointer, size, number, number, number, pointer, number, pointer]
+            self._stss_extract.argtypes += [pointers, pointers, number]
+            self._stss_extract.restype = None
+
+    @staticmethod
+    def pack(weight: torch.Tensor, bias: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's folded `(C_out, C_in, k, k)` weight and bias in the kernel's order: the first conv's as
+        [output][tap], the others' as [tap][input][output]."""
+        weight = weight.flatten(1) if first else weight.permute(2, 3, 1, 0)
+        return weight.float().contiguous(), bias.float().contiguous()
+
+    def __call__(
+        self, windows: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Features `(N, C4)` of `(N, U*U)` fp32 CPU windows; `weights`: the four layers' `pack`ed pairs."""
+        size = self.window**2
+        if windows.dtype != torch.float32 or windows.device.type != "cpu" or windows.shape[1:] != (size,):
+            raise ValueError(
+                f"expected (N, {size}) fp32 CPU windows, got {windows.dtype} {tuple(windows.shape)}"
+            )
+        windows = windows.contiguous()
+        out = windows.new_empty(windows.shape[0], self.channels[-1])
+        self._extract(windows.data_ptr(), out.data_ptr(), windows.shape[0], *_pointers(weights), _threads())
+        return out
+
+    def from_features(
+        self,
+        features: torch.Tensor,
+        frames: int,
+        temporal_offsets: Sequence[int],
+        weights: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Features `(B*T, H, W, L, C4)` of the similarities of `(B*T, H, W, C)` fp32 CPU features (L2-normalised
+        for cosine similarity) over the `temporal_offsets` x U x V neighbourhood, zero beyond the clip or the map
+        (`stss`)."""
+        if self.hidden is None:
+            raise ValueError("this kernel was built without the similarities (no correlation channel count)")
+        if features.dtype != torch.float32 or features.device.type != "cpu" or features.dim() != 4:
+            raise ValueError(
+                f"expected (B*T, H, W, C) fp32 CPU features, got {features.dtype} {features.shape}"
+            )
+        count, height, width, channels = features.shape
+        if channels != self.hidden or count % frames:
+            raise ValueError(
+                f"expected {self.hidden} channels and whole clips of {frames} frames, got {features.shape}"
+            )
+        features = features.contiguous()
+        offsets = torch.tensor(list(temporal_offsets), dtype=torch.int32)
+        out = features.new_empty(count, height, width, len(offsets), self.channels[-1])
+        self._stss_extract(
+            features.data_ptr(),
+            count // frames,
+            frames,
+            height,
+            width,
+            offsets.data_ptr(),
+            len(offsets),
+            out.data_ptr(),
+            *_pointers(weights),
+            _threads(),
+        )
+        return out
+
+
+def _pointers(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[ctypes.Array, ctypes.Array]:
+    if len(weights) != 4:
+        raise ValueError(f"expected the four layers' (weight, bias), got {len(weights)}")
+    addresses = [tensor.data_ptr() for pair in weights for tensor in pair]
+    return (ctypes.c_void_p * 4)(*addresses[0::2]), (ctypes.c_void_p * 4)(*addresses[1::2])
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def native_kernels_enabled() -> bool:
+    return os.environ.get("SELFY_HF_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def supports_geometry(window: int, channels: tuple[int, ...]) -> bool:
+    """Four layers, the last three widths in whole vectors, one tile's intermediates within `_MAX_TILE_BYTES`."""
+    if len(channels) != 4 or any(c % _LANES for c in channels[1:]) or window < 1:
+        return False
+    middle = _stride2_size(window)
+    last = _stride2_size(middle)
+    floats = _LANES * (window**2 * (1 + channels[0]) + middle**2 * channels[1] + last**2 * channels[2])
+    return 4 * floats <= _MAX_TILE_BYTES
+
+
+def extraction_kernel(
+    window: int, channels: tuple[int, ...], hidden: int | None = None
+) -> ExtractionKernel | None:
+    """The kernel for `window` x `window` maps and the four `channels`, with `from_features` for `hidden`-channel
+    features where `hidden` is given in whole vectors; built or loaded once per process. None where it is turned
+    off, not supported or cannot be built."""
+    if not native_kernels_enabled() or not supports_geometry(window, tuple(channels)):
+        return None
+    if hidden is not None and (hidden <= 0 or hidden % _LANES):
+        hidden = None
+    return _load(window, tuple(channels), hidden, _cache_dir(), os.environ.get("CC", "cc"))
+
+
+@functools.cache
+def _load(
+    window: int, channels: tuple[int, ...], hidden: int | None, cache: Path, compiler: str
+) -> ExtractionKernel | None:
+    try:
+        path = _build(window, channels, hidden, cache, compiler)
+        return ExtractionKernel(ctypes.CDLL(str(path)), window, channels, hidden)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        logger.info(
+            "selfy_hf: the native extraction kernel is unavailable (%s); the PyTorch ops run instead", error
+        )
+        return None
+
+
+def _cache_dir() -> Path:
+    if (path := os.environ.get("SELFY_HF_KERNEL_CACHE")) is not None:
+        return Path(path)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfy_hf" / "kernels"
+
+
+def _build(window: int, channels: tuple[int, ...], hidden: int | None, cache: Path, compiler: str) -> Path:
+    """Compile the kernel for this geometry and CPU into `cache` (written under a temporary name, then renamed, so
+    concurrent processes never load a partial file); an existing build is reused."""
+    executable = shutil.which(compiler)
+    if executable is None:
+        raise RuntimeError(f"no C compiler {compiler!r}")
+    middle = _stride2_size(window)
+    sizes = {"WIN": window, "W2": middle, "W3": _stride2_size(middle)}
+    sizes.update({f"C{i + 1}": width for i, width in enumerate(channels)})
+    if hidden is not None:
+        sizes["CH"] = hidden
+    flags = [
+        "-O3",
+        "-march=native",
+        "-fopenmp",
+        "-shared",
+        "-fPIC",
+        *(f"-D{k}={v}" for k, v in sizes.items()),
+    ]
+    identity = "\n".join([_SOURCE, executable, str(os.stat(executable).st_mtime), *flags, _cpu_identity()])
+    path = cache / f"selfy_extraction_{hashlib.sha256(identity.encode()).hexdigest()[:20]}.so"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        source, library = Path(scratch) / "extraction.c", Path(scratch) / "extraction.so"
+        source.write_text(_SOURCE)
+        result = subprocess.run(
+            [executable, *flags, str(source), "-o", str(library)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[:3]}")
+        os.replace(library, path)
+    logger.info("selfy_hf: built the native extraction kernel %s", path)
+    return path
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` compiles for: the CPU's model and instruction-set flags (Linux), else its name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted))
+
+
+__all__ = ["ExtractionKernel", "extraction_kernel", "native_kernels_enabled", "supports_geometry"]
