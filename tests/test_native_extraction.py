@@ -58,9 +58,9 @@ def kernel_calls(monkeypatch):
     for name, kind in [("__call__", "windows"), ("from_features", "features")]:
         original = getattr(ExtractionKernel, name)
 
-        def counted(self, *args, original=original, kind=kind):
+        def counted(self, *args, original=original, kind=kind, **kwargs):
             calls.append(kind)
-            return original(self, *args)
+            return original(self, *args, **kwargs)
 
         monkeypatch.setattr(ExtractionKernel, name, counted)
     return calls
@@ -186,19 +186,19 @@ def test_kernel_rejects_windows_of_another_shape_or_dtype():
     with pytest.raises(ValueError, match=r"\(N, 81\) fp32 CPU windows"):
         kernel(torch.zeros(3, 81, dtype=torch.float64), [])
     with pytest.raises(ValueError, match="built without the similarities"):
-        kernel.from_features(torch.zeros(2, 3, 3, 128), 2, [0], [])
+        kernel.from_features(torch.zeros(2, 3, 3, 128), 2, [0], [], 1e-6)
 
 
 def test_kernel_rejects_features_of_another_shape():
     kernel = _kernel_or_skip(*OFFICIAL, 128)
     with pytest.raises(ValueError, match="128 channels and whole clips of 4 frames"):
-        kernel.from_features(torch.zeros(6, 3, 3, 128), 4, [0], [])
+        kernel.from_features(torch.zeros(6, 3, 3, 128), 4, [0], [], 1e-6)
     with pytest.raises(ValueError, match="128 channels"):
-        kernel.from_features(torch.zeros(4, 3, 3, 64), 4, [0], [])
+        kernel.from_features(torch.zeros(4, 3, 3, 64), 4, [0], [], 1e-6)
     with pytest.raises(ValueError, match=r"\(B\*T, H, W, C\) fp32 CPU features"):
-        kernel.from_features(torch.zeros(4, 9, 128), 4, [0], [])
+        kernel.from_features(torch.zeros(4, 9, 128), 4, [0], [], 1e-6)
     with pytest.raises(ValueError, match="four layers"):
-        kernel.from_features(torch.zeros(4, 3, 3, 128), 4, [0], [])
+        kernel.from_features(torch.zeros(4, 3, 3, 128), 4, [0], [], 1e-6)
 
 
 def _randomised_block(**overrides) -> SelfyBlock:

@@ -1374,14 +1374,12 @@ class SelfyBlock(nn.Module):
         if (kernel := extractor._native_kernel(x)) is None or kernel.hidden is None:
             return None
         correlation = transform.correlation
-        projected = transform.downsample(x)
-        if correlation.normalize:
-            projected = l2_normalize(projected, dim=1, eps=correlation.eps)
         features = kernel.from_features(
-            projected.permute(0, 2, 3, 1),
+            transform.downsample(x).permute(0, 2, 3, 1),
             correlation.num_frames,
             correlation.temporal_offsets,
             extractor._native_weights(kernel),
+            eps=correlation.eps if correlation.normalize else None,
         )
         return features.unflatten(0, (-1, correlation.num_frames))
 

@@ -36,6 +36,7 @@ _LANES = 16  # fp32 values in an AVX-512 vector: the kernel's tile of windows an
 _MAX_TILE_BYTES = 1 << 20  # a thread's intermediates for one tile, on its stack
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #ifndef __AVX512F__
 #error "the SELFY extraction kernel is written for AVX-512"
@@ -192,59 +193,129 @@ static inline vec sum_lanes(const vec a[16]) {
     return v[0];
 }
 
-/* x0[p] = the similarities at displacement p (one lane per window) of a tile's windows: positions m0.. (over clips,
-   frames and the map) at temporal offset `offset`, zero beyond the clip or the map. Per window, its query stays in
-   registers against each neighbour; 16 dot products are summed at once. Neighbouring positions share most of their
-   keys, which stay in cache from one window to the next. */
-static void similarities(const float *features, int64_t m0, int rows, int frames, int height, int width, int offset,
-                         vec *x0) {
-    float *x0f = (float *)x0;
-    for (int r = 0; r < TILE; r++) {
-        int64_t m = m0 + r, frame = m / (height * width);
-        int at = (int)(m % (height * width)), t = (int)(frame % frames);
-        int y = at / width - WIN / 2, x = at % width - WIN / 2;
-        const float *keys = r < rows && t + offset >= 0 && t + offset < frames
-                                ? features + (frame + offset) * (int64_t)height * width * CH : 0;
-        if (!keys) {
-            for (int p = 0; p < P1; p++) x0f[p * LANES + r] = 0;
-            continue;
-        }
-        vec q[CH / LANES];
-        for (int c = 0; c < CH / LANES; c++) q[c] = load(features + m * CH + c * LANES);
-        for (int p0 = 0; p0 < P1; p0 += 16) {
-            vec dots[16];
-            for (int i = 0; i < 16; i++) {
-                int p = p0 + i, ky = y + p / WIN, kx = x + p % WIN;
-                const float *k = p < P1 && ky >= 0 && ky < height && kx >= 0 && kx < width
-                                     ? keys + ((int64_t)ky * width + kx) * CH : zero_row;
-                vec even = q[0] * load(k), odd = {0}; /* two chains of FMAs */
-                for (int c = 1; c < CH / LANES; c += 2) {
-                    odd += q[c] * load(k + c * LANES);
-                    if (c + 1 < CH / LANES) even += q[c + 1] * load(k + (c + 1) * LANES);
-                }
-                dots[i] = even + odd;
+#define PADDED ((P1 + 15) / 16 * 16)
+
+/* Lane r of x0[p], p < P1: window r's similarities from its dot products' lanes (16 summed at a time), scaled. */
+static void store_window(const vec *dots, const float *key_scales, float query_scale, int r, float *x0f) {
+    for (int p0 = 0; p0 < P1; p0 += 16) {
+        vec sums = sum_lanes(dots + p0) * load(key_scales + p0) * query_scale;
+        for (int i = 0; i < 16 && p0 + i < P1; i++) x0f[(p0 + i) * LANES + r] = sums[i];
+    }
+}
+
+static inline vec dot_lanes(const vec *q, const float *k) {
+    vec even = q[0] * load(k), odd = {0}; /* two chains of FMAs */
+    for (int c = 1; c < CH / LANES; c += 2) {
+        odd += q[c] * load(k + c * LANES);
+        if (c + 1 < CH / LANES) even += q[c + 1] * load(k + (c + 1) * LANES);
+    }
+    return even + odd;
+}
+
+/* One window's dot-product lanes at every displacement, and its keys' scales (0 off the map). */
+static void window_dots(const vec *q, const float *keys, const float *key_frame_scales, int y, int x, int height,
+                        int width, vec *dots, float *key_scales) {
+    int32_t key_of[PADDED] __attribute__((aligned(64)));
+    for (int p0 = 0; p0 < P1; p0 += 16) { /* each key's index in its frame, -1 off the map, 16 at a time */
+        ivec p = (ivec){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + p0;
+        ivec ky = p / WIN + y, kx = p % WIN + x;
+        ivec on_map = (p < P1) & (ky >= 0) & (ky < height) & (kx >= 0) & (kx < width);
+        *(ivec *)(key_of + p0) = (on_map & (ky * width + kx)) | ~on_map;
+    }
+    for (int p = 0; p < PADDED; p++) {
+        int key = key_of[p];
+        dots[p] = dot_lanes(q, key >= 0 ? keys + (int64_t)key * CH : zero_row);
+        key_scales[p] = key >= 0 ? key_frame_scales[key] : 0;
+    }
+}
+
+/* Two windows side by side in a row, (y, x) and (y, x + 1): each key in reach is loaded once for both. */
+static void pair_dots(const vec *q0, const vec *q1, const float *keys, const float *key_frame_scales, int y, int x,
+                      int height, int width, vec *dots0, float *scales0, vec *dots1, float *scales1) {
+    for (int p = P1; p < PADDED; p++) dots0[p] = dots1[p] = (vec){0}, scales0[p] = scales1[p] = 0;
+    for (int u = 0; u < WIN; u++) {
+        int ky = y + u;
+        for (int j = 0; j <= WIN; j++) {
+            int kx = x + j, on_map = ky >= 0 && ky < height && kx >= 0 && kx < width;
+            const float *k = on_map ? keys + ((int64_t)ky * width + kx) * CH : zero_row;
+            float scale = on_map ? key_frame_scales[ky * width + kx] : 0;
+            vec a0 = {0}, a1 = {0};
+            for (int c = 0; c < CH / LANES; c++) {
+                vec kc = load(k + c * LANES);
+                a0 += q0[c] * kc;
+                a1 += q1[c] * kc;
             }
-            vec sums = sum_lanes(dots);
-            for (int i = 0; i < 16 && p0 + i < P1; i++) x0f[(p0 + i) * LANES + r] = sums[i];
+            if (j < WIN) dots0[u * WIN + j] = a0, scales0[u * WIN + j] = scale;
+            if (j > 0) dots1[u * WIN + j - 1] = a1, scales1[u * WIN + j - 1] = scale;
         }
     }
 }
 
-/* features: (clips * frames, height, width, CH), channels last (L2-normalised for cosine similarity); out: (clips *
-   frames * height * width, count, C4), the features of every position's windows at the `count` temporal offsets. */
-void selfy_stss_extract(const float *features, int64_t clips, int frames, int height, int width,
-                        const int32_t *offsets, int count, float *out, const float *const *w, const float *const *b,
-                        int threads) {
+/* x0[p] = the similarities at displacement p (one lane per window) of a tile's windows: positions m0.. (over clips,
+   frames and the map) at temporal offset `offset`, zero beyond the clip or the map; each dot product scaled by its
+   two positions' `scales`. Queries stay in registers against each neighbour; neighbouring positions share most of
+   their keys, which stay in cache from one window to the next, and two windows side by side load each once. */
+static void similarities(const float *features, const float *scales, int64_t m0, int rows, int frames, int height,
+                         int width, int offset, vec *x0) {
+    float *x0f = (float *)x0;
+    vec dots[2][PADDED];
+    float key_scales[2][PADDED] __attribute__((aligned(64)));
+    for (int r = 0; r < TILE;) {
+        int64_t m = m0 + r, frame = m / (height * width);
+        int at = (int)(m % (height * width)), t = (int)(frame % frames);
+        int y = at / width - WIN / 2, x = at % width - WIN / 2;
+        int64_t first_key = (frame + offset) * (int64_t)height * width;
+        if (r >= rows || t + offset < 0 || t + offset >= frames) {
+            for (int p = 0; p < P1; p++) x0f[p * LANES + r] = 0;
+            r++;
+            continue;
+        }
+        const float *keys = features + first_key * CH;
+        vec q[2][CH / LANES];
+        for (int c = 0; c < CH / LANES; c++) q[0][c] = load(features + m * CH + c * LANES);
+        if (r + 1 < rows && at % width + 1 < width) { /* the next window: same frame, next column */
+            for (int c = 0; c < CH / LANES; c++) q[1][c] = load(features + (m + 1) * CH + c * LANES);
+            pair_dots(q[0], q[1], keys, scales + first_key, y, x, height, width, dots[0], key_scales[0], dots[1],
+                      key_scales[1]);
+            store_window(dots[0], key_scales[0], scales[m], r, x0f);
+            store_window(dots[1], key_scales[1], scales[m + 1], r + 1, x0f);
+            r += 2;
+        } else {
+            window_dots(q[0], keys, scales + first_key, y, x, height, width, dots[0], key_scales[0]);
+            store_window(dots[0], key_scales[0], scales[m], r, x0f);
+            r++;
+        }
+    }
+}
+
+/* features: (clips * frames, height, width, CH), channels last; eps >= 0: cosine similarity, each position's
+   features scaled by 1 / sqrt(|f|^2 + eps) (the official L2 normalisation), else dot products; scales: room for
+   one float per position. out: (clips * frames * height * width, count, C4), the features of every position's
+   windows at the `count` temporal offsets. */
+void selfy_stss_extract(const float *features, float *scales, float eps, int64_t clips, int frames, int height,
+                        int width, const int32_t *offsets, int count, float *out, const float *const *w,
+                        const float *const *b, int threads) {
     tables t;
     build_tables(&t);
     int64_t positions = clips * frames * height * width, tiles = (positions + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < positions; m++) {
+        vec squares = {0};
+        for (int c = 0; c < CH / LANES; c++) {
+            vec f = load(features + m * CH + c * LANES);
+            squares += f * f;
+        }
+        float sum = 0;
+        for (int i = 0; i < LANES; i++) sum += squares[i];
+        scales[m] = eps >= 0 ? 1 / sqrtf(sum + eps) : 1;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < tiles * count; i++) {
         int l = (int)(i / tiles);
         int64_t m0 = i % tiles * TILE;
         int rows = positions - m0 < TILE ? (int)(positions - m0) : TILE;
         vec x0[P1];
-        similarities(features, m0, rows, frames, height, width, offsets[l], x0);
+        similarities(features, scales, m0, rows, frames, height, width, offsets[l], x0);
         convolve(x0, rows, out + (m0 * count + l) * C4, (int64_t)count * C4, &t, w, b);
     }
 }
@@ -270,8 +341,8 @@ class ExtractionKernel:
         if hidden is not None:
             self._stss_extract = library.selfy_stss_extract
             number = ctypes.c_int
-            self._stss_extract.argtypes = [pointer, size, number, number, number, pointer, number, pointer]
-            self._stss_extract.argtypes += [pointers, pointers, number]
+            self._stss_extract.argtypes = [pointer, pointer, ctypes.c_float, size, number, number, number]
+            self._stss_extract.argtypes += [pointer, number, pointer, pointers, pointers, number]
             self._stss_extract.restype = None
 
     @staticmethod
@@ -301,10 +372,11 @@ class ExtractionKernel:
         frames: int,
         temporal_offsets: Sequence[int],
         weights: list[tuple[torch.Tensor, torch.Tensor]],
+        eps: float | None,
     ) -> torch.Tensor:
-        """Features `(B*T, H, W, L, C4)` of the similarities of `(B*T, H, W, C)` fp32 CPU features (L2-normalised
-        for cosine similarity) over the `temporal_offsets` x U x V neighbourhood, zero beyond the clip or the map
-        (`stss`)."""
+        """Features `(B*T, H, W, L, C4)` of the similarities of `(B*T, H, W, C)` fp32 CPU features over the
+        `temporal_offsets` x U x V neighbourhood, zero beyond the clip or the map (`stss`): cosine similarities, the
+        features L2-normalised with `eps` as `l2_normalize` does, or with `eps=None` dot products."""
         if self.hidden is None:
             raise ValueError("this kernel was built without the similarities (no correlation channel count)")
         if features.dtype != torch.float32 or features.device.type != "cpu" or features.dim() != 4:
@@ -314,13 +386,16 @@ class ExtractionKernel:
         count, height, width, channels = features.shape
         if channels != self.hidden or count % frames:
             raise ValueError(
-                f"expected {self.hidden} channels and whole clips of {frames} frames, got {features.shape}"
+                f"expected {self.hidden} channels and whole clips of {frames} frames, got {tuple(features.shape)}"
             )
         features = features.contiguous()
         offsets = torch.tensor(list(temporal_offsets), dtype=torch.int32)
+        scales = features.new_empty(count * height * width)
         out = features.new_empty(count, height, width, len(offsets), self.channels[-1])
         self._stss_extract(
             features.data_ptr(),
+            scales.data_ptr(),
+            -1.0 if eps is None else eps,
             count // frames,
             frames,
             height,
