@@ -1,16 +1,20 @@
 """
-The SELFY block's conv feature extraction (paper 3.2.1: four (1, 3, 3) convs, each with its BN and a ReLU, over every
-(U, V) similarity map) as one C kernel, for eval-mode fp32 inference on CPU.
+The SELFY block's similarities and conv feature extraction (paper 3.1-3.2.1: cosine similarities over the (L, U, V)
+neighbourhood, then four (1, 3, 3) convs, each with its BN and a ReLU, over every (U, V) map) as one C kernel, for
+eval-mode fp32 inference on CPU.
 
-The kernel takes 16 similarity windows at a time through all four convs (their BNs folded into weights and biases),
-so the 1 -> 4 -> 16 -> 64 channel intermediates (~45 MB per SELFYNet-TSM-R18 clip) stay in the core's cache instead
-of passing through memory between separate convs. The first conv is vectorised over the windows, the others over
-output channels as small register-blocked matrix products that skip the taps on the stride-2 convs' padding.
+The kernel takes 16 windows at a time (16 positions at one temporal offset): their similarities (each query in
+registers against its neighbours' keys, two neighbouring windows sharing each key load, 16 dot products summed at
+once, L2 normalisation as per-position scales), then all four convs with their BNs folded into weights and biases.
+Nothing in between leaves the core's cache: separate ops write and re-read the all-pairs products, the gathered
+windows and the 1 -> 4 -> 16 -> 64 channel intermediates (~50 MB per SELFYNet-TSM-R18 clip). The first conv is
+vectorised over the windows, the others over output channels as small register-blocked matrix products that skip
+the taps on the stride-2 convs' padding. `ExtractionKernel.__call__` runs the convs alone on given windows.
 
 It is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this CPU (`-march=native`, AVX-512
 and OpenMP required) and kept in `$SELFY_HF_KERNEL_CACHE` (default `~/.cache/selfy_hf/kernels`), one library per
 geometry and CPU. Where it cannot be built (no compiler, no AVX-512, a geometry it does not cover, an unwritable
-cache) [`extraction_kernel`] returns None and the extractor runs its PyTorch/oneDNN ops; `SELFY_HF_NATIVE_KERNELS=0`
+cache) [`extraction_kernel`] returns None and the block runs its PyTorch/oneDNN ops; `SELFY_HF_NATIVE_KERNELS=0`
 turns it off. The source travels with the model code (`trust_remote_code`) as the string below.
 """
 
