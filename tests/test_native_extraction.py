@@ -189,6 +189,29 @@ def test_kernel_rejects_windows_of_another_shape_or_dtype():
         kernel.from_features(torch.zeros(2, 3, 3, 128), 2, [0], [], 1e-6)
 
 
+def test_kernel_checks_the_weights_it_reads():
+    """The C code reads as many values as the geometry says: weights of another size or dtype are refused."""
+    kernel = _kernel_or_skip(*OFFICIAL)
+    extractor = _randomised_extractor(*OFFICIAL)
+    weights = [
+        kernel.pack(*layer._folded(layer.conv.weight.squeeze(2)), index == 0)
+        for index, layer in enumerate(extractor.layers)
+    ]
+    windows = torch.rand(20, 81)
+    assert kernel(windows, weights).shape == (20, 64)
+    for broken, message in [
+        (
+            [weights[0], weights[1], weights[2], (weights[3][0][:-1], weights[3][1])],
+            "layer 3: expected 36864",
+        ),
+        ([(weights[0][0].double(), weights[0][1]), *weights[1:]], "layer 0: expected 36 contiguous fp32"),
+        ([weights[0], (weights[1][0].transpose(0, 1), weights[1][1]), *weights[2:]], "layer 1"),
+        ([weights[0], (weights[1][0], weights[1][1][:8]), *weights[2:]], "layer 1: expected 16"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            kernel(windows, broken)
+
+
 def test_kernel_rejects_features_of_another_shape():
     kernel = _kernel_or_skip(*OFFICIAL, 128)
     with pytest.raises(ValueError, match="128 channels and whole clips of 4 frames"):

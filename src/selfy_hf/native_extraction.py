@@ -367,7 +367,9 @@ class ExtractionKernel:
             )
         windows = windows.contiguous()
         out = windows.new_empty(windows.shape[0], self.channels[-1])
-        self._extract(windows.data_ptr(), out.data_ptr(), windows.shape[0], *_pointers(weights), _threads())
+        self._extract(
+            windows.data_ptr(), out.data_ptr(), windows.shape[0], *self._pointers(weights), _threads()
+        )
         return out
 
     def from_features(
@@ -407,17 +409,29 @@ class ExtractionKernel:
             offsets.data_ptr(),
             len(offsets),
             out.data_ptr(),
-            *_pointers(weights),
+            *self._pointers(weights),
             _threads(),
         )
         return out
 
-
-def _pointers(weights: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[ctypes.Array, ctypes.Array]:
-    if len(weights) != 4:
-        raise ValueError(f"expected the four layers' (weight, bias), got {len(weights)}")
-    addresses = [tensor.data_ptr() for pair in weights for tensor in pair]
-    return (ctypes.c_void_p * 4)(*addresses[0::2]), (ctypes.c_void_p * 4)(*addresses[1::2])
+    def _pointers(
+        self, weights: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[ctypes.Array, ctypes.Array]:
+        """The C arrays of the four layers' weight and bias addresses, after checking that each holds what the C
+        code reads (it reads as many values as the geometry says, wherever the pointers lead)."""
+        if len(weights) != 4:
+            raise ValueError(f"expected the four layers' (weight, bias), got {len(weights)}")
+        inputs = [1, *self.channels[:3]]
+        last = _stride2_size(_stride2_size(self.window)) ** 2
+        for index, ((weight, bias), c_in, c_out) in enumerate(zip(weights, inputs, self.channels)):
+            size = (last if index == 3 else 9) * c_in * c_out
+            for tensor, count in ((weight, size), (bias, c_out)):
+                if not (tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.numel() == count):
+                    raise ValueError(
+                        f"layer {index}: expected {count} contiguous fp32 values, got {tensor.shape}"
+                    )
+        addresses = [tensor.data_ptr() for pair in weights for tensor in pair]
+        return (ctypes.c_void_p * 4)(*addresses[0::2]), (ctypes.c_void_p * 4)(*addresses[1::2])
 
 
 def _threads() -> int:
