@@ -36,6 +36,7 @@ from selfy_hf.benchmarking import (
     selfy_baseline_ratios,
     selfy_block_breakdown,
 )
+from selfy_hf.configuration_selfy import SelfyConfig
 from selfy_hf.native_extraction import extraction_kernel
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not args.native:
         os.environ["SELFY_HF_NATIVE_KERNELS"] = "0"
+    # Built here if need be, for the paper's SELFY block (the default config), so no timed call compiles it.
+    block = SelfyConfig()
     native = (
-        extraction_kernel(9, (4, 16, 64, 64), 128) is not None
-    )  # the presets' geometry, built here if need be
+        extraction_kernel(
+            block.selfy_window_size, tuple(block.selfy_extraction_channels), block.selfy_hidden_size
+        )
+        is not None
+    )
     retained = args.allocator == "retain" and retain_freed_memory()
     models = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)

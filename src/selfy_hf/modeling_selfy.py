@@ -1168,11 +1168,10 @@ class StssExtractor(nn.Module):
     def _native_kernel(self, x: torch.Tensor) -> ExtractionKernel | None:
         """The fused C kernel of the conv extraction (`native_extraction`) where it may run on `x`: eval mode (every BN
         folded), eager fp32 CPU inference outside autocast; None elsewhere."""
-        if not all(layer.folds_norm() for layer in self.layers):
-            return None
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-            return None
-        if not _eager_inference(x):
+        fp32_cpu = (
+            x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        )
+        if not (fp32_cpu and _eager_inference(x) and all(layer.folds_norm() for layer in self.layers)):
             return None
         widths = tuple(layer.conv.out_channels for layer in self.layers)
         return extraction_kernel(self.window, widths, self.correlation_channels)

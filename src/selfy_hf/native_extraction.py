@@ -327,8 +327,11 @@ void selfy_stss_extract(const float *features, float *scales, float eps, int64_t
 """
 
 
-def _stride2_size(size: int) -> int:
-    return (size - 1) // 2 + 1  # 3x3 kernel, stride 2, padding 1
+def _map_sizes(window: int) -> tuple[int, int, int]:
+    """The side of the maps each conv reads: the window, then after each 3x3 stride-2 conv (padding 1); the last
+    conv's kernel covers the third."""
+    middle = (window - 1) // 2 + 1
+    return window, middle, (middle - 1) // 2 + 1
 
 
 class ExtractionKernel:
@@ -422,7 +425,7 @@ class ExtractionKernel:
         if len(weights) != 4:
             raise ValueError(f"expected the four layers' (weight, bias), got {len(weights)}")
         inputs = [1, *self.channels[:3]]
-        last = _stride2_size(_stride2_size(self.window)) ** 2
+        last = _map_sizes(self.window)[2] ** 2
         for index, ((weight, bias), c_in, c_out) in enumerate(zip(weights, inputs, self.channels)):
             size = (last if index == 3 else 9) * c_in * c_out
             for tensor, count in ((weight, size), (bias, c_out)):
@@ -446,8 +449,7 @@ def supports_geometry(window: int, channels: tuple[int, ...]) -> bool:
     """Four layers, the last three widths in whole vectors, one tile's intermediates within `_MAX_TILE_BYTES`."""
     if len(channels) != 4 or any(c % _LANES for c in channels[1:]) or window < 1:
         return False
-    middle = _stride2_size(window)
-    last = _stride2_size(middle)
+    _, middle, last = _map_sizes(window)
     floats = _LANES * (window**2 * (1 + channels[0]) + middle**2 * channels[1] + last**2 * channels[2])
     return 4 * floats <= _MAX_TILE_BYTES
 
@@ -491,8 +493,7 @@ def _build(window: int, channels: tuple[int, ...], hidden: int | None, cache: Pa
     executable = shutil.which(compiler)
     if executable is None:
         raise RuntimeError(f"no C compiler {compiler!r}")
-    middle = _stride2_size(window)
-    sizes = {"WIN": window, "W2": middle, "W3": _stride2_size(middle)}
+    sizes = dict(zip(("WIN", "W2", "W3"), _map_sizes(window)))
     sizes.update({f"C{i + 1}": width for i, width in enumerate(channels)})
     if hidden is not None:
         sizes["CH"] = hidden
