@@ -38,6 +38,7 @@ from selfy_hf.benchmarking import (
 )
 from selfy_hf.configuration_selfy import SelfyConfig
 from selfy_hf.native_extraction import extraction_kernel
+from selfy_hf.native_training import training_kernels
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,8 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the native extraction kernel for CPU inference (default: on where it builds; --no-native runs the "
-        "PyTorch/oneDNN ops, as SELFY_HF_NATIVE_KERNELS=0 does)",
+        help="the native kernels: the extraction kernel for CPU inference and the training kernels (default: on "
+        "where they build; --no-native runs the PyTorch/oneDNN ops, as SELFY_HF_NATIVE_KERNELS=0 does)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="per-module time of the SELFY blocks (CPU, eager)"
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not args.native:
         os.environ["SELFY_HF_NATIVE_KERNELS"] = "0"
-    # Built here if need be, for the paper's SELFY block (the default config), so no timed call compiles it.
+    # Built here if need be (the extraction kernel for the paper's SELFY block, the default config), so no timed call
+    # compiles them.
     block = SelfyConfig()
     native = (
         extraction_kernel(
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         is not None
     )
+    native_training = training_kernels() is not None
     retained = args.allocator == "retain" and retain_freed_memory()
     models = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.image_size}px, "
         f"batch sizes {args.batch_sizes}, median of {iters} after {warmup} warm-up, "
         f"allocator {'retaining freed memory' if retained else 'default'}, "
-        f"native extraction kernel {'on' if native else 'off'}\n"
+        f"native extraction kernel {'on' if native else 'off'}, training kernels {'on' if native_training else 'off'}\n"
     )
     peaks = None if args.no_peaks else measure_peaks(device, amp_dtype)
     rows = benchmark_models(
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "allocator": "retain" if retained else "default",
             "native_extraction_kernel": native,
+            "native_training_kernels": native_training,
             "peaks_gflops": peaks,
             "rows": [row.as_dict() for row in rows],
             "ratios": selfy_baseline_ratios(rows),

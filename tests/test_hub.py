@@ -35,6 +35,7 @@ CODE_FILES = [
     "configuration_selfy.py",
     "modeling_selfy.py",
     "native_extraction.py",
+    "native_training.py",
     "stss.py",
     "video_io.py",
     "video_processing_selfy.py",

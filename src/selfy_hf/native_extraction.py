@@ -371,7 +371,7 @@ class ExtractionKernel:
         windows = windows.contiguous()
         out = windows.new_empty(windows.shape[0], self.channels[-1])
         self._extract(
-            windows.data_ptr(), out.data_ptr(), windows.shape[0], *self._pointers(weights), _threads()
+            windows.data_ptr(), out.data_ptr(), windows.shape[0], *self._pointers(weights), kernel_threads()
         )
         return out
 
@@ -413,7 +413,7 @@ class ExtractionKernel:
             len(offsets),
             out.data_ptr(),
             *self._pointers(weights),
-            _threads(),
+            kernel_threads(),
         )
         return out
 
@@ -437,7 +437,8 @@ class ExtractionKernel:
         return (ctypes.c_void_p * 4)(*addresses[0::2]), (ctypes.c_void_p * 4)(*addresses[1::2])
 
 
-def _threads() -> int:
+def kernel_threads() -> int:
+    """The kernels' OpenMP threads: as many as torch's intra-op pool."""
     return torch.get_num_threads()
 
 
@@ -464,7 +465,7 @@ def extraction_kernel(
         return None
     if hidden is not None and (hidden <= 0 or hidden % _LANES):
         hidden = None
-    return _load(window, tuple(channels), hidden, _cache_dir(), os.environ.get("CC", "cc"))
+    return _load(window, tuple(channels), hidden, kernel_cache_dir(), os.environ.get("CC", "cc"))
 
 
 @functools.cache
@@ -481,45 +482,48 @@ def _load(
         return None
 
 
-def _cache_dir() -> Path:
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: `$SELFY_HF_KERNEL_CACHE`, else `selfy_hf/kernels` in the user's cache."""
     if (path := os.environ.get("SELFY_HF_KERNEL_CACHE")) is not None:
         return Path(path)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfy_hf" / "kernels"
 
 
 def _build(window: int, channels: tuple[int, ...], hidden: int | None, cache: Path, compiler: str) -> Path:
-    """Compile the kernel for this geometry and CPU into `cache` (written under a temporary name, then renamed, so
-    concurrent processes never load a partial file); an existing build is reused."""
-    executable = shutil.which(compiler)
-    if executable is None:
-        raise RuntimeError(f"no C compiler {compiler!r}")
+    """Compile the kernel for this geometry and CPU into `cache`; an existing build is reused."""
     sizes = dict(zip(("WIN", "W2", "W3"), _map_sizes(window)))
     sizes.update({f"C{i + 1}": width for i, width in enumerate(channels)})
     if hidden is not None:
         sizes["CH"] = hidden
-    flags = [
-        "-O3",
-        "-march=native",
-        "-fopenmp",
-        "-shared",
-        "-fPIC",
-        *(f"-D{k}={v}" for k, v in sizes.items()),
-    ]
-    identity = "\n".join([_SOURCE, executable, str(os.stat(executable).st_mtime), *flags, _cpu_identity()])
-    path = cache / f"selfy_extraction_{hashlib.sha256(identity.encode()).hexdigest()[:20]}.so"
+    return compile_library("extraction", _SOURCE, [f"-D{k}={v}" for k, v in sizes.items()], cache, compiler)
+
+
+def compile_library(name: str, source: str, flags: list[str], cache: Path, compiler: str) -> Path:
+    """Compile C `source` with `flags` for this CPU into a shared library in `cache`, named after a hash of the
+    source, compiler, flags and CPU: written under a temporary name, then renamed, so concurrent processes never load
+    a partial file; an existing build is reused. Raises RuntimeError where the compiler is missing or fails."""
+    executable = shutil.which(compiler)
+    if executable is None:
+        raise RuntimeError(f"no C compiler {compiler!r}")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *flags]
+    identity = "\n".join([source, executable, str(os.stat(executable).st_mtime), *flags, _cpu_identity()])
+    path = cache / f"selfy_{name}_{hashlib.sha256(identity.encode()).hexdigest()[:20]}.so"
     if path.exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        source, library = Path(scratch) / "extraction.c", Path(scratch) / "extraction.so"
-        source.write_text(_SOURCE)
+        source_file, library = Path(scratch) / f"{name}.c", Path(scratch) / f"{name}.so"
+        source_file.write_text(source)
         result = subprocess.run(
-            [executable, *flags, str(source), "-o", str(library)], capture_output=True, text=True, timeout=300
+            [executable, *flags, str(source_file), "-o", str(library)],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[:3]}")
         os.replace(library, path)
-    logger.info("selfy_hf: built the native extraction kernel %s", path)
+    logger.info("selfy_hf: built the native %s kernels %s", name, path)
     return path
 
 
@@ -533,4 +537,12 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-__all__ = ["ExtractionKernel", "extraction_kernel", "native_kernels_enabled", "supports_geometry"]
+__all__ = [
+    "ExtractionKernel",
+    "compile_library",
+    "extraction_kernel",
+    "kernel_cache_dir",
+    "kernel_threads",
+    "native_kernels_enabled",
+    "supports_geometry",
+]

@@ -1,0 +1,599 @@
+"""
+C kernels for the training step of the SELFY block's conv extraction (paper 3.2.1) on CPU: its batch norms on batch
+statistics with their ReLUs, and its first layer whole, in as few passes over memory as they need.
+
+The extraction's BNs see 10-20x the backbone's activations (the 16 -> 64 conv's 4.5 million outputs per
+SELFYNet-TSM-R18 clip), and PyTorch's ops spend a pass on each step: the squares, their sums, the affine map, the
+ReLU, in backward the ReLU's mask, then the BN backward's two. Here a BN + ReLU over rows of channels is one pass for
+its statistics and one writing its output; its backward one pass for the sums it needs and one writing the input
+gradient, the ReLU's decisions recomputed from the input (bit for bit: the library is compiled without FMA
+contraction). The first layer (1 -> C channels, a 3x3 conv over U x U similarity maps, its BN and ReLU) runs
+vectorised over 16 maps at a time, recomputing its tiny conv in each pass instead of storing it: its output is the
+one large tensor it writes, and the conv's gradients come from the backward's second pass.
+
+Statistics are sums in double: mean, then squares about it, where the input is not already centred. Built and cached
+as `native_extraction` builds its kernel (C with GCC/Clang vector extensions and OpenMP, for any instruction set:
+GCC 12+ or Clang); where it cannot be built the callers run their PyTorch ops. `SELFY_HF_NATIVE_KERNELS=0` turns it
+off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import subprocess
+
+import torch
+
+from .native_extraction import compile_library, kernel_cache_dir, kernel_threads, native_kernels_enabled
+
+logger = logging.getLogger(__name__)
+
+_LANES = 16
+_MAX_WIDTH = 256  # values per block of rows (the C code's MAXW)
+_MAX_FIRST_CHANNELS = 16  # the first layer's output channels (MAXC)
+_MAX_FIRST_SIDE = 9  # the first layer's map side (MAXU)
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#define LANES 16
+#define MAXW 256
+#define MAXC 16
+#define MAXU 9
+
+typedef float vec __attribute__((vector_size(LANES * 4)));
+typedef float uvec __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
+typedef double dvec __attribute__((vector_size(8 * 8)));  /* half a vec's values, widened */
+
+#define LOAD(p) (*(const uvec *)(p))
+#define STORE(p, v) (*(uvec *)(p) = (v))
+#define LOW(v) __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), dvec)
+#define HIGH(v) __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), dvec)
+
+/* Threads take contiguous ranges of blocks and combine their sums in thread order: the same sums on every call. */
+static void split(int64_t blocks, int threads, int t, int64_t *first, int64_t *last) {
+    int64_t per = blocks / threads, extra = blocks % threads;
+    *first = t * per + (t < extra ? t : extra);
+    *last = *first + per + (t < extra);
+}
+
+static void combine(int threads, int count, double partial[][2][MAXW], double *first, double *second) {
+    for (int j = 0; j < count; j++) first[j] = second[j] = 0.0;
+    for (int t = 0; t < threads; t++)
+        for (int j = 0; j < count; j++) { first[j] += partial[t][0][j]; second[j] += partial[t][1][j]; }
+}
+
+static double lane_sum(vec v) {
+    double total = 0.0;
+    for (int m = 0; m < LANES; m++) total += v[m];
+    return total;
+}
+
+/* The BN's affine map a * (x - shift) + b, and where the ReLU after it passes gradients (as threshold_backward: where
+   its output > 0). The forward keeps NaN as PyTorch's ReLU does. */
+static inline vec affine(vec a, vec x, vec shift, vec b) { return a * (x - shift) + b; }
+static inline float affine1(float a, float x, float shift, float b) { return a * (x - shift) + b; }
+static inline ivec passes(vec y, int relu) { return relu ? (ivec)(y > 0) : (ivec){} - 1; }
+static inline ivec keeps(vec y, int relu) { return relu ? ~(ivec)(y <= 0) : (ivec){} - 1; }
+static inline vec masked(vec v, ivec mask) { return (vec)((ivec)v & mask); }
+
+/* ---- Rows of C channels laid end to end, read as blocks of w values (w = C where 16 divides C, else 16 where C
+   divides 16): value j of a block belongs to channel j % C. Per-channel vectors come tiled to w values. ---- */
+
+/* Per block position: the sums of (x - shift) and of its square (shift NULL: zero); or, with a and b given, of
+   g' and of g' * (x - shift), g' the gradient g through the ReLU after a * (x - shift) + b. */
+static void row_sums(const float *x, const float *g, const float *a, const float *shift, const float *b, int relu,
+                     int64_t n, int w, int threads, double *first, double *second) {
+    int64_t blocks = n / w, tail = n % w;
+    int vecs = w / LANES;
+    double partial[threads][2][MAXW];
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        dvec s[MAXW / 8], q[MAXW / 8];
+        memset(s, 0, sizeof s);
+        memset(q, 0, sizeof q);
+        int64_t begin, end;
+        split(blocks, threads, t, &begin, &end);
+        for (int64_t k = begin; k < end; k++)
+            for (int v = 0; v < vecs; v++) {
+                int64_t at = k * w + v * LANES;
+                vec raw = LOAD(x + at), offset = shift ? LOAD(shift + v * LANES) : (vec){};
+                vec centred = raw - offset, value = centred;
+                if (a) value = masked(LOAD(g + at), passes(affine(LOAD(a + v * LANES), raw, offset, LOAD(b + v * LANES)), relu));
+                s[2 * v] += LOW(value);
+                s[2 * v + 1] += HIGH(value);
+                q[2 * v] += LOW(value) * LOW(centred);
+                q[2 * v + 1] += HIGH(value) * HIGH(centred);
+            }
+        memcpy(partial[t][0], s, sizeof(double) * w);
+        memcpy(partial[t][1], q, sizeof(double) * w);
+    }
+    combine(threads, w, partial, first, second);
+    for (int j = 0; j < tail; j++) {
+        int64_t i = blocks * w + j;
+        float offset = shift ? shift[j] : 0.0f, centred = x[i] - offset, value = centred;
+        if (a) value = relu && !(affine1(a[j], x[i], offset, b[j]) > 0) ? 0.0f : g[i];
+        first[j] += value;
+        second[j] += (double)value * centred;
+    }
+}
+
+void selfy_row_moments(const float *x, const float *shift, int64_t n, int w, double *sums, double *squares,
+                       int threads) {
+    row_sums(x, NULL, NULL, shift, NULL, 0, n, w, threads, sums, squares);
+}
+
+void selfy_row_gradient_moments(const float *x, const float *g, const float *a, const float *shift, const float *b,
+                                int relu, int64_t n, int w, double *sums, double *products, int threads) {
+    row_sums(x, g, a, shift, b, relu, n, w, threads, sums, products);
+}
+
+/* out = a * (x - shift) + b, through a ReLU if `relu`. */
+void selfy_row_affine(const float *x, float *out, const float *a, const float *shift, const float *b, int relu,
+                      int64_t n, int w, int threads) {
+    int64_t blocks = n / w, tail = n % w;
+    int vecs = w / LANES;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < blocks; k++)
+        for (int v = 0; v < vecs; v++) {
+            int64_t at = k * w + v * LANES;
+            vec y = affine(LOAD(a + v * LANES), LOAD(x + at), LOAD(shift + v * LANES), LOAD(b + v * LANES));
+            STORE(out + at, masked(y, keeps(y, relu)));
+        }
+    for (int j = 0; j < tail; j++) {
+        int64_t i = blocks * w + j;
+        float y = affine1(a[j], x[i], shift[j], b[j]);
+        out[i] = relu && y <= 0 ? 0.0f : y;
+    }
+}
+
+/* dx = a * g' + (c + d * (x - shift)), g' the gradient g through the ReLU after a * (x - shift) + b. */
+void selfy_row_affine_gradient(const float *x, const float *g, float *dx, const float *a, const float *shift,
+                               const float *b, const float *c, const float *d, int relu, int64_t n, int w,
+                               int threads) {
+    int64_t blocks = n / w, tail = n % w;
+    int vecs = w / LANES;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < blocks; k++)
+        for (int v = 0; v < vecs; v++) {
+            int64_t at = k * w + v * LANES;
+            vec av = LOAD(a + v * LANES), xv = LOAD(x + at), offset = LOAD(shift + v * LANES);
+            vec through = masked(LOAD(g + at), passes(affine(av, xv, offset, LOAD(b + v * LANES)), relu));
+            STORE(dx + at, av * through + (LOAD(c + v * LANES) + LOAD(d + v * LANES) * (xv - offset)));
+        }
+    for (int j = 0; j < tail; j++) {
+        int64_t i = blocks * w + j;
+        float through = relu && !(affine1(a[j], x[i], shift[j], b[j]) > 0) ? 0.0f : g[i];
+        dx[i] = a[j] * through + (c[j] + d[j] * (x[i] - shift[j]));
+    }
+}
+
+/* ---- The first layer: a 3x3 conv (padding 1) from one channel to c channels over u x u maps, its output
+   channels-last (n, u, u, c). 16 maps at a time, transposed into a zero-padded [u + 2][u + 2] grid of vectors (maps
+   past n are zeros). Per-channel values (a, b, c, d, shift) come as c floats. ---- */
+
+static void load_maps(const float *x, int64_t n, int64_t first, int u, vec *grid) {
+    int side = u + 2;
+    memset(grid, 0, sizeof(vec) * side * side);
+    for (int m = 0; m < LANES && first + m < n; m++)
+        for (int i = 0; i < u; i++)
+            for (int j = 0; j < u; j++) grid[(i + 1) * side + j + 1][m] = x[(first + m) * u * u + i * u + j];
+}
+
+static void load_rows(const float *rows, int64_t n, int64_t first, int width, vec *out) {
+    memset(out, 0, sizeof(vec) * width);
+    for (int m = 0; m < LANES && first + m < n; m++)
+        for (int k = 0; k < width; k++) out[k][m] = rows[(first + m) * width + k];
+}
+
+static void store_rows(const vec *values, int64_t n, int64_t first, int width, float *rows) {
+    for (int m = 0; m < LANES && first + m < n; m++)
+        for (int k = 0; k < width; k++) rows[(first + m) * width + k] = values[k][m];
+}
+
+static inline vec conv_at(const vec *grid, int side, const float *w, int i, int j) {
+    vec y = {0};
+    for (int ki = 0; ki < 3; ki++)
+        for (int kj = 0; kj < 3; kj++) y += w[ki * 3 + kj] * grid[(i + ki) * side + j + kj];
+    return y;
+}
+
+static vec valid_lanes(int64_t first, int64_t n) {
+    vec valid;
+    for (int m = 0; m < LANES; m++) valid[m] = first + m < n;
+    return valid;
+}
+
+/* Per channel: the sums of (y - shift) and its square, y the conv's output (shift NULL: zero); or, with a and b given,
+   of g' and of g' * (y - shift), g' the channels-last gradient g through the ReLU after a * (y - shift) + b. */
+static void first_sums(const float *x, const float *w, const float *g, const float *a, const float *shift,
+                       const float *b, int relu, int64_t n, int u, int c, int threads, double *first,
+                       double *second) {
+    int64_t tiles = (n + LANES - 1) / LANES;
+    int side = u + 2;
+    double partial[threads][2][MAXW];
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        vec grid[(MAXU + 2) * (MAXU + 2)], grads[MAXU * MAXU * MAXC];
+        double s[MAXC] = {0}, q[MAXC] = {0};
+        int64_t begin, end;
+        split(tiles, threads, t, &begin, &end);
+        for (int64_t tile = begin; tile < end; tile++) {
+            load_maps(x, n, tile * LANES, u, grid);
+            if (a) load_rows(g, n, tile * LANES, u * u * c, grads);
+            vec valid = valid_lanes(tile * LANES, n);
+            for (int ch = 0; ch < c; ch++) {
+                vec vs = {0}, vq = {0};
+                float offset = shift ? shift[ch] : 0.0f;
+                for (int i = 0; i < u; i++)
+                    for (int j = 0; j < u; j++) {
+                        vec y = conv_at(grid, side, w + ch * 9, i, j), centred = (y - offset) * valid, value = centred;
+                        if (a) {
+                            vec pre = affine(a[ch] + (vec){}, y, offset + (vec){}, b[ch] + (vec){});
+                            value = masked(grads[(i * u + j) * c + ch], passes(pre, relu));
+                        }
+                        vs += value;
+                        vq += value * centred;
+                    }
+                s[ch] += lane_sum(vs);
+                q[ch] += lane_sum(vq);
+            }
+        }
+        memcpy(partial[t][0], s, sizeof(double) * c);
+        memcpy(partial[t][1], q, sizeof(double) * c);
+    }
+    combine(threads, c, partial, first, second);
+}
+
+void selfy_first_moments(const float *x, const float *w, const float *shift, int64_t n, int u, int c,
+                         double *sums, double *squares, int threads) {
+    first_sums(x, w, NULL, NULL, shift, NULL, 0, n, u, c, threads, sums, squares);
+}
+
+void selfy_first_gradient_moments(const float *x, const float *w, const float *g, const float *a, const float *shift,
+                                  const float *b, int relu, int64_t n, int u, int c, double *sums,
+                                  double *products, int threads) {
+    first_sums(x, w, g, a, shift, b, relu, n, u, c, threads, sums, products);
+}
+
+/* out = a * (conv(x) - shift) + b, through a ReLU if `relu`; channels-last. */
+void selfy_first_forward(const float *x, const float *w, const float *a, const float *shift, const float *b, int relu,
+                         int64_t n, int u, int c, float *out, int threads) {
+    int64_t tiles = (n + LANES - 1) / LANES;
+    int side = u + 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        vec grid[(MAXU + 2) * (MAXU + 2)], values[MAXU * MAXU * MAXC];
+        load_maps(x, n, tile * LANES, u, grid);
+        for (int i = 0; i < u; i++)
+            for (int j = 0; j < u; j++)
+                for (int ch = 0; ch < c; ch++) {
+                    vec y = conv_at(grid, side, w + ch * 9, i, j);
+                    y = affine(a[ch] + (vec){}, y, shift[ch] + (vec){}, b[ch] + (vec){});
+                    values[(i * u + j) * c + ch] = masked(y, keeps(y, relu));
+                }
+        store_rows(values, n, tile * LANES, u * u * c, out);
+    }
+}
+
+/* With gy = a * g' + (c_ + d_ * (y - shift)) (the BN's input gradient, g' as in first_sums): the conv's input
+   gradient (grad_x, NULL: none) and its weight gradient summed in double (grad_w, c x 9, NULL: none). */
+void selfy_first_backward(const float *x, const float *w, const float *g, const float *a, const float *shift,
+                          const float *b, const float *c_, const float *d_, int relu, int64_t n, int u, int c,
+                          float *grad_x, double *grad_w, int threads) {
+    int64_t tiles = (n + LANES - 1) / LANES;
+    int side = u + 2;
+    double partial[threads][MAXC * 9];
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        vec grid[(MAXU + 2) * (MAXU + 2)], grads[MAXU * MAXU * MAXC], back[(MAXU + 2) * (MAXU + 2)];
+        vec inner[MAXU * MAXU];
+        double weights[MAXC * 9] = {0};
+        int64_t begin, end;
+        split(tiles, threads, t, &begin, &end);
+        for (int64_t tile = begin; tile < end; tile++) {
+            load_maps(x, n, tile * LANES, u, grid);
+            load_rows(g, n, tile * LANES, u * u * c, grads);
+            memset(back, 0, sizeof(vec) * side * side);
+            for (int ch = 0; ch < c; ch++) {
+                const float *k = w + ch * 9;
+                vec sums[9] = {0};
+                for (int i = 0; i < u; i++)
+                    for (int j = 0; j < u; j++) {
+                        vec y = conv_at(grid, side, k, i, j);
+                        vec pre = affine(a[ch] + (vec){}, y, shift[ch] + (vec){}, b[ch] + (vec){});
+                        vec through = masked(grads[(i * u + j) * c + ch], passes(pre, relu));
+                        /* no mask for the maps past n: their zeros take nothing from gy to either gradient */
+                        vec gy = a[ch] * through + (c_[ch] + d_[ch] * (y - shift[ch]));
+                        for (int ki = 0; ki < 3; ki++)
+                            for (int kj = 0; kj < 3; kj++) {
+                                sums[ki * 3 + kj] += gy * grid[(i + ki) * side + j + kj];
+                                back[(i + ki) * side + j + kj] += k[ki * 3 + kj] * gy;
+                            }
+                    }
+                for (int tap = 0; tap < 9; tap++) weights[ch * 9 + tap] += lane_sum(sums[tap]);
+            }
+            if (grad_x) {
+                for (int i = 0; i < u; i++)
+                    for (int j = 0; j < u; j++) inner[i * u + j] = back[(i + 1) * side + j + 1];
+                store_rows(inner, n, tile * LANES, u * u, grad_x);
+            }
+        }
+        memcpy(partial[t], weights, sizeof(double) * c * 9);
+    }
+    if (grad_w) {
+        for (int j = 0; j < c * 9; j++) grad_w[j] = 0.0;
+        for (int t = 0; t < threads; t++)
+            for (int j = 0; j < c * 9; j++) grad_w[j] += partial[t][j];
+    }
+}
+"""
+
+
+class TrainingKernels:
+    """The compiled training kernels (see the module docstring), called on fp32 CPU tensors through `row_batch_norm`
+    and `first_layer`."""
+
+    def __init__(self, library: ctypes.CDLL):
+        pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        signatures = {
+            "row_moments": [pointer] * 2 + [size, number] + [pointer] * 2 + [number],
+            "row_gradient_moments": [pointer] * 5 + [number, size, number] + [pointer] * 2 + [number],
+            "row_affine": [pointer] * 5 + [number, size, number, number],
+            "row_affine_gradient": [pointer] * 8 + [number, size, number, number],
+            "first_moments": [pointer] * 3 + [size, number, number] + [pointer] * 2 + [number],
+            "first_gradient_moments": [pointer] * 6
+            + [number, size, number, number]
+            + [pointer] * 2
+            + [number],
+            "first_forward": [pointer] * 5 + [number, size, number, number, pointer, number],
+            "first_backward": [pointer] * 8 + [number, size, number, number] + [pointer] * 2 + [number],
+        }
+        self._functions = {}
+        for name, argtypes in signatures.items():
+            function = getattr(library, f"selfy_{name}")
+            function.argtypes, function.restype = argtypes, None
+            self._functions[name] = function
+
+    def call(self, name: str, *arguments) -> None:
+        """Run a C function (its thread count last); tensors are passed by address (the caller keeps them alive
+        and sizes them)."""
+        values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in arguments]
+        self._functions[name](*values, kernel_threads())
+
+
+def row_width(channels: int) -> int | None:
+    """Values per block of rows for `channels` (a multiple of 16 up to 256, or a divisor of 16); None otherwise."""
+    if channels % _LANES == 0 and channels <= _MAX_WIDTH:
+        return channels
+    return _LANES if _LANES % channels == 0 else None
+
+
+def supports_rows(rows: torch.Tensor) -> bool:
+    """Whether `row_batch_norm` takes these `(M, C)` rows: contiguous fp32 CPU, `C` fitting `row_width`."""
+    return (
+        _fp32_cpu(rows) and rows.dim() == 2 and rows.is_contiguous() and row_width(rows.shape[1]) is not None
+    )
+
+
+def supports_first_layer(maps: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
+    """Whether `first_layer` takes this conv: one-channel square fp32 CPU maps of side up to 9, a 3x3 kernel with
+    stride 1 and padding 1 to up to 16 channels."""
+    return (
+        _fp32_cpu(maps)
+        and maps.dim() == 4
+        and maps.shape[1] == 1
+        and maps.shape[2] == maps.shape[3] <= _MAX_FIRST_SIDE
+        and weight.dtype == torch.float32
+        and tuple(weight.shape[1:]) == (1, 3, 3)
+        and weight.shape[0] <= _MAX_FIRST_CHANNELS
+        and (stride, padding) == (1, 1)
+    )
+
+
+def _fp32_cpu(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not x.is_mkldnn
+
+
+def _tiled(vector: torch.Tensor, width: int) -> torch.Tensor:
+    """A per-channel vector as fp32 repeated across a block of `width` values."""
+    return vector.float().repeat(width // vector.shape[0]).contiguous()
+
+
+def _per_channel(sums: torch.Tensor, channels: int) -> torch.Tensor:
+    return sums.view(-1, channels).sum(0)
+
+
+def _normalization(sums, squares, count, shift, gamma, beta, eps):
+    """From the sums of `x - shift` and of its squares (float64, per channel): the batch mean and biased variance,
+    and the BN as `scale * (x - shift) + offset` (float64) for the float `shift` nearest the mean."""
+    centred_mean = sums / count
+    mean = centred_mean if shift is None else shift.double() + centred_mean
+    var = (squares / count - centred_mean.square()).clamp_min_(0.0)
+    invstd = (var + eps).rsqrt()
+    scale = gamma.double() * invstd
+    shift = mean.float()
+    return mean, var, invstd, scale, shift, beta.double() - scale * (mean - shift.double())
+
+
+def _gradient_terms(sums, products, mean, invstd, scale, shift, count):
+    """From the sums of the gradient through the ReLU (g') and of g' * (x - shift): the BN's weight and bias
+    gradients, and its input gradient as `scale * g' + c + d * (x - shift)` (c, d per channel)."""
+    products = products + (shift.double() - mean) * sums  # about the mean itself
+    grad_gamma = products * invstd
+    d = -scale * invstd * grad_gamma / count
+    c = -scale * sums / count + d * (shift.double() - mean)
+    return grad_gamma, sums, c, d
+
+
+class _RowBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, bias, eps, activation, centred, kernels):
+        count, channels = rows.shape
+        width, numel = row_width(channels), rows.numel()
+        sums, squares = (rows.new_empty(width, dtype=torch.float64) for _ in range(2))
+        first_shift = None
+        if not centred:  # first the mean, then the squares about it: no cancellation
+            kernels.call("row_moments", rows, None, numel, width, sums, squares)
+            first_shift = (_per_channel(sums, channels) / count).float()
+        tiled = None if first_shift is None else _tiled(first_shift, width)
+        kernels.call("row_moments", rows, tiled, numel, width, sums, squares)
+        sums, squares = _per_channel(sums, channels), _per_channel(squares, channels)
+        mean, var, invstd, scale, shift, offset = _normalization(
+            sums, squares, count, first_shift, weight, bias, eps
+        )
+        a, shift, b = (_tiled(v, width) for v in (scale, shift, offset))
+        out = torch.empty_like(rows)
+        kernels.call("row_affine", rows, out, a, shift, b, int(activation), numel, width)
+        ctx.save_for_backward(rows, a, shift, b, mean, invstd, scale)
+        ctx.activation, ctx.kernels = activation, kernels
+        return out, mean.float(), var.float()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        rows, a, shift, b, mean, invstd, scale = ctx.saved_tensors
+        count, channels = rows.shape
+        width, numel, relu = a.shape[0], rows.numel(), int(ctx.activation)
+        grad = grad.contiguous().float()
+        sums, products = (rows.new_empty(width, dtype=torch.float64) for _ in range(2))
+        ctx.kernels.call("row_gradient_moments", rows, grad, a, shift, b, relu, numel, width, sums, products)
+        sums, products = _per_channel(sums, channels), _per_channel(products, channels)
+        grad_gamma, grad_beta, c, d = _gradient_terms(
+            sums, products, mean, invstd, scale, shift[:channels], count
+        )
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.empty_like(rows)
+            c, d = _tiled(c, width), _tiled(d, width)
+            ctx.kernels.call(
+                "row_affine_gradient", rows, grad, grad_rows, a, shift, b, c, d, relu, numel, width
+            )
+        return grad_rows, grad_gamma.float(), grad_beta.float(), None, None, None, None
+
+
+class _FirstLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, maps, weight, gamma, beta, eps, activation, kernels):
+        count, side, channels = maps.shape[0], maps.shape[-1], weight.shape[0]
+        maps, weight = maps.contiguous(), weight.reshape(channels, 9).contiguous()
+        geometry, positions = (count, side, channels), count * side * side
+        sums, squares = (maps.new_empty(channels, dtype=torch.float64) for _ in range(2))
+        kernels.call("first_moments", maps, weight, None, *geometry, sums, squares)
+        first_shift = (sums / positions).float()  # then the squares about the mean: no cancellation
+        kernels.call("first_moments", maps, weight, first_shift, *geometry, sums, squares)
+        mean, var, invstd, scale, shift, offset = _normalization(
+            sums, squares, positions, first_shift, gamma, beta, eps
+        )
+        a, b = scale.float(), offset.float()
+        out = maps.new_empty(count, side, side, channels)
+        kernels.call("first_forward", maps, weight, a, shift, b, int(activation), *geometry, out)
+        ctx.save_for_backward(maps, weight, a, shift, b, mean, invstd, scale)
+        ctx.activation, ctx.kernels = activation, kernels
+        return out.permute(0, 3, 1, 2), mean.float(), var.float()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        maps, weight, a, shift, b, mean, invstd, scale = ctx.saved_tensors
+        count, side, channels = maps.shape[0], maps.shape[-1], weight.shape[0]
+        geometry, relu = (count, side, channels), int(ctx.activation)
+        grad = grad.permute(0, 2, 3, 1).contiguous().float()  # channels-last rows
+        sums, products = (maps.new_empty(channels, dtype=torch.float64) for _ in range(2))
+        ctx.kernels.call(
+            "first_gradient_moments", maps, weight, grad, a, shift, b, relu, *geometry, sums, products
+        )
+        grad_gamma, grad_beta, c, d = _gradient_terms(
+            sums, products, mean, invstd, scale, shift, count * side * side
+        )
+        grad_maps = torch.empty_like(maps) if ctx.needs_input_grad[0] else None
+        grad_weight = maps.new_empty(channels * 9, dtype=torch.float64) if ctx.needs_input_grad[1] else None
+        ctx.kernels.call(
+            "first_backward",
+            maps,
+            weight,
+            grad,
+            a,
+            shift,
+            b,
+            c.float(),
+            d.float(),
+            relu,
+            *geometry,
+            grad_maps,
+            grad_weight,
+        )
+        if grad_weight is not None:
+            grad_weight = grad_weight.float().view(channels, 1, 3, 3)
+        return grad_maps, grad_weight, grad_gamma.float(), grad_beta.float(), None, None, None
+
+
+def row_batch_norm(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    activation: bool,
+    centred: bool,
+    kernels: TrainingKernels,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm (affine, batch statistics) of `(M, C)` rows (`supports_rows`), then a ReLU if
+    `activation`: the output and the batch mean and biased variance (no gradient). `centred`: the rows' mean is
+    known to be near zero, so one pass gives their statistics without cancellation."""
+    out, mean, var = _RowBatchNorm.apply(rows, weight, bias, eps, activation, centred, kernels)
+    return out, mean.detach(), var.detach()
+
+
+def first_layer(
+    maps: torch.Tensor,
+    weight: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    activation: bool,
+    kernels: TrainingKernels,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 3x3 conv (stride 1, padding 1) of one-channel `(N, 1, U, U)` maps to `(N, C, U, U)` channels-last ones
+    (`supports_first_layer`), its training-mode BN and a ReLU if `activation`: the output and the conv output's batch
+    mean and biased variance (no gradient)."""
+    out, mean, var = _FirstLayer.apply(maps, weight, gamma, beta, eps, activation, kernels)
+    return out, mean.detach(), var.detach()
+
+
+def training_kernels() -> TrainingKernels | None:
+    """The training kernels, built or loaded once per process; None where turned off or they cannot be built."""
+    if not native_kernels_enabled():
+        return None
+    return _load(kernel_cache_dir(), os.environ.get("CC", "cc"))
+
+
+@functools.cache
+def _load(cache, compiler: str) -> TrainingKernels | None:
+    try:
+        path = compile_library("training", _SOURCE, ["-ffp-contract=off"], cache, compiler)
+        return TrainingKernels(ctypes.CDLL(str(path)))
+    except (OSError, subprocess.SubprocessError, RuntimeError, AttributeError) as error:
+        logger.info(
+            "selfy_hf: the native training kernels are unavailable (%s); the PyTorch ops run instead", error
+        )
+        return None
+
+
+__all__ = [
+    "TrainingKernels",
+    "first_layer",
+    "row_batch_norm",
+    "row_width",
+    "supports_first_layer",
+    "supports_rows",
+    "training_kernels",
+]
