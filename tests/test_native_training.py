@@ -9,19 +9,16 @@ import torch.nn.functional as F
 from test_modeling import _randomise_batch_norms
 
 from selfy_hf import SelfyConfig, SelfyForVideoClassification
-from selfy_hf.modeling_selfy import SelfyBlock, StssExtractor
+from selfy_hf.modeling_selfy import StssExtractor
 from selfy_hf.native_training import (
     TrainingKernels,
     first_layer,
     row_batch_norm,
     row_width,
-    similarities,
     supports_first_layer,
     supports_rows,
-    supports_similarities,
     training_kernels,
 )
-from selfy_hf.stss import stss_reference
 
 
 def _kernels_or_skip() -> TrainingKernels:
@@ -178,52 +175,6 @@ def test_first_layer_without_the_maps_gradient():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(
-    "shape, offsets, window",
-    [
-        ((2, 4, 32, 5, 7), [-5, -1, 0, 2], 3),  # an offset beyond the clip, a map not square
-        ((1, 8, 128, 14, 14), [-2, -1, 0, 1, 2], 9),  # the paper's block
-        ((1, 3, 16, 13, 13), [0], 5),
-        ((1, 2, 16, 3, 2), [1, 0], 7),  # a window wider than the map
-    ],
-)
-def test_similarities_are_the_reference_stss(shape, offsets, window):
-    """Values and feature gradients of `stss_reference` in float64 to ~1e-6, at 1 and 2 threads."""
-    kernels = _kernels_or_skip()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=generator)
-    exact_x = x.double().requires_grad_()
-    exact = stss_reference(exact_x, offsets, window)
-    upstream = torch.randn(exact.shape, generator=generator)
-    (exact_grad,) = torch.autograd.grad(exact, exact_x, upstream.double())
-    for threads in (1, 2):
-        features = x.permute(0, 1, 3, 4, 2).contiguous().requires_grad_()
-        with _threads(threads):
-            out = similarities(features, offsets, window, kernels)
-            (grad,) = torch.autograd.grad(out, features, upstream)
-        _assert_close_to_exact(f"similarities at {threads} threads", out, exact)
-        _assert_close_to_exact(f"gradient at {threads} threads", grad.permute(0, 1, 4, 2, 3), exact_grad)
-
-
-def test_block_training_step_runs_the_native_similarities(monkeypatch, kernel_calls):
-    """The SELFY block's cosine similarities in training come from the kernels, with the block's output and input
-    gradient those of the `stss` path."""
-    _kernels_or_skip()
-    torch.manual_seed(0)
-    block = SelfyBlock(SelfyConfig.from_preset("selfynet-tiny"), 64).train()
-    block.integrator.project.bn.weight.data.fill_(1.0)  # the block's output depends on the similarities
-    x = torch.randn(8, 64, 12, 12)
-    results = []
-    for enabled in ("1", "0"):
-        monkeypatch.setenv("SELFY_HF_NATIVE_KERNELS", enabled)
-        inputs = x.clone().requires_grad_()
-        out = copy.deepcopy(block)(inputs)
-        results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
-    assert kernel_calls.count("similarities") == 1 and kernel_calls.count("similarities_backward") == 1
-    for ours, theirs in zip(*results):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
-
-
 def test_what_the_kernels_take():
     assert [row_width(c) for c in (1, 4, 16, 32, 64, 256)] == [16, 16, 16, 32, 64, 256]
     assert row_width(24) is None and row_width(512) is None
@@ -238,10 +189,6 @@ def test_what_the_kernels_take():
     assert not supports_first_layer(torch.zeros(2, 2, 9, 9), torch.zeros(4, 2, 3, 3), 1, 1)
     assert not supports_first_layer(maps, torch.zeros(32, 1, 3, 3), 1, 1)
     assert not supports_first_layer(maps.double(), weight.double(), 1, 1)
-    assert supports_similarities(torch.zeros(1, 2, 3, 3, 128))
-    assert not supports_similarities(torch.zeros(1, 2, 3, 3, 24))
-    assert not supports_similarities(torch.zeros(1, 2, 3, 3, 512))
-    assert not supports_similarities(torch.zeros(1, 2, 3, 3, 16, dtype=torch.float64))
 
 
 def _official_training_step(

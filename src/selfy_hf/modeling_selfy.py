@@ -18,13 +18,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from .configuration_selfy import SelfyConfig
 from .native_extraction import ExtractionKernel, extraction_kernel
 from .native_training import (
-    TrainingKernels,
     first_layer,
     row_batch_norm,
-    similarities,
     supports_first_layer,
     supports_rows,
-    supports_similarities,
     training_kernels,
 )
 from .stss import _cached, building_graph, l2_normalize, stss
@@ -625,23 +622,9 @@ class StssCorrelation(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = features.reshape(-1, self.num_frames, *features.shape[1:])
-        if (kernels := self._native_kernels(features)) is not None:
-            # Channels-last for the C kernels' dot products (and a contiguous reduction for the normalisation).
-            features = features.permute(0, 1, 3, 4, 2).contiguous()
-            if self.normalize:
-                features = l2_normalize(features, dim=-1, eps=self.eps)
-            return similarities(features, self.temporal_offsets, self.window, kernels)
         if self.normalize:
             features = l2_normalize(features, dim=2, eps=self.eps)
         return stss(features, self.temporal_offsets, self.window)
-
-    def _native_kernels(self, features: torch.Tensor) -> TrainingKernels | None:
-        """The native similarities (`native_training.similarities`) where they may run: eager fp32 CPU outside
-        autocast, the channels in whole vectors."""
-        fp32_cpu = supports_similarities(features.transpose(2, -1))
-        if not (fp32_cpu and _eager(features)) or torch.is_autocast_enabled("cpu"):
-            return None
-        return training_kernels()
 
     def macs(self, feature_shape: torch.Size) -> int:
         """Multiply-accumulates of the correlation for `(B*T, C, H, W)` features, whatever path computes it."""

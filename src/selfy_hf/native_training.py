@@ -336,94 +336,6 @@ void selfy_first_backward(const float *x, const float *w, const float *g, const 
             for (int j = 0; j < c * 9; j++) grad_w[j] += partial[t][j];
     }
 }
-
-/* ---- The similarities (paper eq. 1) of channels-last features f (clips, t, h, w, c), c a multiple of 16: for every
-   position, its dot product with each neighbour at the l temporal offsets and the window x window displacements,
-   zero beyond the clip or the map; out (clips, t, h, w, l, window, window). ---- */
-
-static inline float vec_sum(vec v) {
-    typedef float half __attribute__((vector_size(LANES * 2)));
-    typedef float quarter __attribute__((vector_size(LANES)));
-    half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-typedef struct { int64_t clips; int t, h, w, c, window, count; const int *offsets; } stss_shape;
-
-/* The neighbour of position (t, y, x) at offset l and displacement (du, dv) of a radius-r window, or NULL. */
-static inline const float *neighbour(const float *clip, const stss_shape *s, int t, int y, int x, int l, int du, int dv) {
-    int t2 = t + s->offsets[l], y2 = y + du, x2 = x + dv;
-    if (t2 < 0 || t2 >= s->t || y2 < 0 || y2 >= s->h || x2 < 0 || x2 >= s->w) return NULL;
-    return clip + (((int64_t)t2 * s->h + y2) * s->w + x2) * s->c;
-}
-
-void selfy_similarities(const float *f, const int *offsets, int64_t clips, int t, int h, int w, int c, int window,
-                        int count, float *out, int threads) {
-    stss_shape s = {clips, t, h, w, c, window, count, offsets};
-    int r = window / 2, vecs = c / LANES;
-    int64_t rows = clips * t * h, per_position = (int64_t)count * window * window;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t row = 0; row < rows; row++) {
-        int64_t clip_index = row / ((int64_t)t * h);
-        int frame = (int)(row / h % t), y = (int)(row % h);
-        const float *clip = f + clip_index * t * h * w * c;
-        for (int x = 0; x < w; x++) {
-            const float *query = clip + (((int64_t)frame * h + y) * w + x) * c;
-            float *result = out + ((row * w) + x) * per_position;
-            for (int l = 0; l < count; l++)
-                for (int du = -r; du <= r; du++)
-                    for (int dv = -r; dv <= r; dv++) {
-                        const float *key = neighbour(clip, &s, frame, y, x, l, du, dv);
-                        vec acc = {0};
-                        if (key)
-                            for (int v = 0; v < vecs; v++) acc += LOAD(query + v * LANES) * LOAD(key + v * LANES);
-                        result[(l * window + du + r) * window + dv + r] = key ? vec_sum(acc) : 0.0f;
-                    }
-        }
-    }
-}
-
-/* The features' gradient: each position takes g times its neighbours as a query, and g of the positions that have
-   it as a neighbour times those positions as a key. Each thread writes its own positions: no atomics. */
-void selfy_similarities_backward(const float *f, const float *g, const int *offsets, int64_t clips, int t, int h,
-                                 int w, int c, int window, int count, float *grad, int threads) {
-    stss_shape s = {clips, t, h, w, c, window, count, offsets};
-    int r = window / 2, vecs = c / LANES;
-    int64_t rows = clips * t * h, per_position = (int64_t)count * window * window;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t row = 0; row < rows; row++) {
-        int64_t clip_index = row / ((int64_t)t * h);
-        int frame = (int)(row / h % t), y = (int)(row % h);
-        const float *clip = f + clip_index * t * h * w * c;
-        const float *clip_g = g + clip_index * t * h * w * per_position;
-        for (int x = 0; x < w; x++) {
-            /* summed per displacement row, then over the rows: shorter float chains (~1e-6 -> ~3e-7 of the scale) */
-            vec total[MAXW / LANES], acc[MAXW / LANES];
-            memset(total, 0, sizeof(vec) * vecs);
-            const float *mine = clip_g + (((int64_t)frame * h + y) * w + x) * per_position;
-            for (int l = 0; l < count; l++)
-                for (int du = -r; du <= r; du++) {
-                    memset(acc, 0, sizeof(vec) * vecs);
-                    for (int dv = -r; dv <= r; dv++) {
-                        int at = (l * window + du + r) * window + dv + r;
-                        const float *key = neighbour(clip, &s, frame, y, x, l, du, dv);
-                        if (key)
-                            for (int v = 0; v < vecs; v++) acc[v] += mine[at] * LOAD(key + v * LANES);
-                        /* the position at -(offset, du, dv) has this one as its neighbour there */
-                        int t2 = frame - offsets[l], y2 = y - du, x2 = x - dv;
-                        if (t2 < 0 || t2 >= t || y2 < 0 || y2 >= h || x2 < 0 || x2 >= w) continue;
-                        int64_t other = ((int64_t)t2 * h + y2) * w + x2;
-                        float weight = clip_g[other * per_position + at];
-                        for (int v = 0; v < vecs; v++) acc[v] += weight * LOAD(clip + other * c + v * LANES);
-                    }
-                    for (int v = 0; v < vecs; v++) total[v] += acc[v];
-                }
-            float *target = grad + (((clip_index * t + frame) * h + y) * w + x) * c;
-            for (int v = 0; v < vecs; v++) STORE(target + v * LANES, total[v]);
-        }
-    }
-}
 """
 
 
@@ -445,8 +357,6 @@ class TrainingKernels:
             + [number],
             "first_forward": [pointer] * 5 + [number, size, number, number, pointer, number],
             "first_backward": [pointer] * 8 + [number, size, number, number] + [pointer] * 2 + [number],
-            "similarities": [pointer] * 2 + [size] + [number] * 6 + [pointer, number],
-            "similarities_backward": [pointer] * 3 + [size] + [number] * 6 + [pointer, number],
         }
         self._functions = {}
         for name, argtypes in signatures.items():
@@ -488,12 +398,6 @@ def supports_first_layer(maps: torch.Tensor, weight: torch.Tensor, stride: int, 
         and weight.shape[0] <= _MAX_FIRST_CHANNELS
         and (stride, padding) == (1, 1)
     )
-
-
-def supports_similarities(features: torch.Tensor) -> bool:
-    """Whether `similarities` takes these `(B, T, H, W, C)` features: fp32 CPU, `C` a multiple of 16 up to 256."""
-    channels = features.shape[-1]
-    return _fp32_cpu(features) and features.dim() == 5 and channels % _LANES == 0 and channels <= _MAX_WIDTH
 
 
 def _fp32_cpu(x: torch.Tensor) -> bool:
@@ -633,44 +537,6 @@ class _FirstLayer(torch.autograd.Function):
         return grad_maps, grad_weight, grad_gamma.float(), grad_beta.float(), None, None, None
 
 
-class _Similarities(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features, temporal_offsets, window, kernels):
-        features = features.contiguous()
-        offsets = torch.tensor(list(temporal_offsets), dtype=torch.int32)
-        geometry = (*features.shape, window, len(offsets))
-        out = features.new_empty(*features.shape[:4], len(offsets), window, window)
-        kernels.call("similarities", features, offsets, *geometry, out)
-        ctx.save_for_backward(features, offsets)
-        ctx.geometry, ctx.kernels = geometry, kernels
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        features, offsets = ctx.saved_tensors
-        grad_features = torch.empty_like(features)
-        ctx.kernels.call(
-            "similarities_backward",
-            features,
-            grad.contiguous().float(),
-            offsets,
-            *ctx.geometry,
-            grad_features,
-        )
-        return grad_features, None, None, None
-
-
-def similarities(
-    features: torch.Tensor, temporal_offsets: list[int], window: int, kernels: TrainingKernels
-) -> torch.Tensor:
-    """`stss` of channels-last features: `(B, T, H, W, C)` in (`supports_similarities`), `(B, T, H, W, L, U, V)`
-    out, each position's dot product with its neighbours at the temporal offsets and window x window displacements,
-    zero beyond the clip or the map; differentiable. Two passes over the features' neighbourhoods, where the
-    all-pairs path multiplies every pair of positions of two frames and gathers the windows (and scatters back)."""
-    return _Similarities.apply(features, temporal_offsets, window, kernels)
-
-
 def row_batch_norm(
     rows: torch.Tensor,
     weight: torch.Tensor,
@@ -727,9 +593,7 @@ __all__ = [
     "first_layer",
     "row_batch_norm",
     "row_width",
-    "similarities",
     "supports_first_layer",
     "supports_rows",
-    "supports_similarities",
     "training_kernels",
 ]
