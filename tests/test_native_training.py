@@ -13,9 +13,11 @@ from selfy_hf.modeling_selfy import StssExtractor
 from selfy_hf.native_training import (
     TrainingKernels,
     first_layer,
+    first_two_layers,
     row_batch_norm,
     row_width,
     supports_first_layer,
+    supports_first_two_layers,
     supports_rows,
     training_kernels,
 )
@@ -157,6 +159,71 @@ def test_first_layer_is_conv_batch_norm_and_relu(count, side, channels, activati
             _assert_close_to_exact(f"{name} at {threads} threads", ours, reference)
 
 
+@pytest.mark.parametrize(
+    "count, side, first_channels, activations",
+    [
+        (1000, 9, 4, (True, True)),
+        (37, 5, 4, (True, False)),
+        (17, 9, 8, (True, True)),
+        (5, 3, 4, (False, True)),
+    ],
+)
+def test_first_two_layers_are_the_two_convs_batch_norms_and_relus(count, side, first_channels, activations):
+    """The first layer, then the 3x3 stride-2 conv to 16 channels + BN + ReLU, as one function: channels-last output,
+    both conv outputs' batch statistics and the gradients of the maps and of all six parameters, to ~1e-6 of float64,
+    at 1 and 2 threads (partial tiles of maps; 9x9, 5x5 and 3x3 maps; either ReLU off)."""
+    kernels = _kernels_or_skip()
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(count, 1, side, side, generator=generator) * 2 - 0.7
+    first = [
+        torch.randn(first_channels, 1, 3, 3, generator=generator),
+        torch.rand(first_channels, generator=generator) + 0.5,
+        torch.randn(first_channels, generator=generator),
+    ]
+    second = [
+        torch.randn(16, first_channels, 3, 3, generator=generator) * 0.3,
+        torch.rand(16, generator=generator) + 0.5,
+        torch.randn(16, generator=generator),
+    ]
+    exact_inputs = [t.double().requires_grad_() for t in (maps, *first, *second)]
+    convs = [F.conv2d(exact_inputs[0], exact_inputs[1], padding=1)]
+    hidden = F.batch_norm(convs[0], None, None, *exact_inputs[2:4], True, 0.0, 1e-5)
+    hidden = F.relu(hidden) if activations[0] else hidden
+    convs.append(F.conv2d(hidden, exact_inputs[4], stride=2, padding=1))
+    pre_activation = F.batch_norm(convs[1], None, None, *exact_inputs[5:], True, 0.0, 1e-5)
+    upstream = torch.randn(pre_activation.shape, generator=generator) * (pre_activation.detach().abs() > 1e-4)
+    exact_out = F.relu(pre_activation) if activations[1] else pre_activation
+    statistics = [f(conv.detach()) for conv in convs for f in (lambda c: c.mean((0, 2, 3)), _biased_var)]
+    exact = [exact_out, *statistics, *torch.autograd.grad(exact_out, exact_inputs, upstream.double())]
+    for threads in (1, 2):
+        inputs = [t.clone().requires_grad_() for t in (maps, *first, *second)]
+        with _threads(threads):
+            out, *ours = first_two_layers(
+                inputs[0], inputs[1:4], inputs[4:], (1e-5, 1e-5), activations, kernels
+            )
+            grads = torch.autograd.grad(out, inputs, upstream)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        names = [
+            "out",
+            "mean 1",
+            "var 1",
+            "mean 2",
+            "var 2",
+            "maps",
+            "w1",
+            "gamma 1",
+            "beta 1",
+            "w2",
+            "gamma 2",
+        ]
+        for name, mine, reference in zip([*names, "beta 2"], [out, *ours, *grads], exact):
+            _assert_close_to_exact(f"{name} at {threads} threads", mine, reference)
+
+
+def _biased_var(conv: torch.Tensor) -> torch.Tensor:
+    return conv.var((0, 2, 3), correction=0)
+
+
 def test_first_layer_without_the_maps_gradient():
     """Maps that need no gradient (the first layer's input is a leaf): the parameters' gradients alone, the same."""
     kernels = _kernels_or_skip()
@@ -189,6 +256,11 @@ def test_what_the_kernels_take():
     assert not supports_first_layer(torch.zeros(2, 2, 9, 9), torch.zeros(4, 2, 3, 3), 1, 1)
     assert not supports_first_layer(maps, torch.zeros(32, 1, 3, 3), 1, 1)
     assert not supports_first_layer(maps.double(), weight.double(), 1, 1)
+    second = torch.zeros(16, 4, 3, 3)
+    assert supports_first_two_layers(maps, weight, second, (1, 2), (1, 1))
+    assert not supports_first_two_layers(maps, weight, second, (1, 1), (1, 1))
+    assert not supports_first_two_layers(maps, weight, torch.zeros(32, 4, 3, 3), (1, 2), (1, 1))
+    assert not supports_first_two_layers(maps, weight, torch.zeros(16, 8, 3, 3), (1, 2), (1, 1))
 
 
 def _official_training_step(
@@ -207,18 +279,44 @@ def _official_training_step(
     return [features, *grads, *official.buffers()]
 
 
-@pytest.mark.parametrize("window", [9, 5])
-def test_extractor_training_step_runs_the_kernels_as_accurately_as_pytorch(window, monkeypatch, kernel_calls):
-    """A float32 training step of the conv extraction runs the first layer and the three rows batch norms in the
-    kernels, and its features, gradients and running statistics are as close to the official float64 stack as the
-    PyTorch ops' (kernels off)."""
+@pytest.mark.parametrize(
+    "window, channels, calls",
+    [
+        # the first two layers whole, then the two later layers' rows batch norms
+        (
+            9,
+            (4, 16, 64, 64),
+            {"pair_forward": 1, "pair_backward": 2, "row_affine": 3, "row_affine_gradient": 2},
+        ),
+        (
+            5,
+            (4, 16, 64, 64),
+            {"pair_forward": 1, "pair_backward": 2, "row_affine": 3, "row_affine_gradient": 2},
+        ),
+        # a second layer of 32 channels: the first layer alone, then three rows batch norms
+        (
+            9,
+            (8, 32, 64, 64),
+            {"first_forward": 1, "first_backward": 1, "row_affine": 3, "row_affine_gradient": 3},
+        ),
+    ],
+)
+def test_extractor_training_step_runs_the_kernels_as_accurately_as_pytorch(
+    window, channels, calls, monkeypatch, kernel_calls
+):
+    """A float32 training step of the conv extraction runs its first layers and its rows batch norms in the kernels,
+    and its features, gradients and running statistics are as close to the official float64 stack as the PyTorch
+    ops' (kernels off)."""
     _kernels_or_skip()
     torch.manual_seed(0)
-    extractor = StssExtractor(SelfyConfig.from_preset("selfynet-tsm-r18", selfy_window_size=window))
+    config = SelfyConfig.from_preset(
+        "selfynet-tsm-r18", selfy_window_size=window, selfy_extraction_channels=list(channels)
+    )
+    extractor = StssExtractor(config)
     _randomise_batch_norms(extractor)
     extractor.train()
     similarity = torch.rand(2, 2, 3, 5, 5, window, window) * 2 - 1
-    upstream = torch.randn(2, 2, 3, 5, 5, 64)
+    upstream = torch.randn(2, 2, 3, 5, 5, channels[-1])
     exact = _official_training_step(extractor, similarity, upstream)
 
     def step(enabled: str) -> list:
@@ -229,8 +327,7 @@ def test_extractor_training_step_runs_the_kernels_as_accurately_as_pytorch(windo
         return [features, *grads, *model.buffers()]
 
     ours = step("1")
-    assert kernel_calls.count("first_forward") == 1 and kernel_calls.count("row_affine") == 3
-    assert kernel_calls.count("first_backward") == 1 and kernel_calls.count("row_affine_gradient") == 3
+    assert {name: kernel_calls.count(name) for name in calls} == calls
     kernel_calls.clear()
     pytorch = step("0")
     assert kernel_calls == []

@@ -19,8 +19,10 @@ from .configuration_selfy import SelfyConfig
 from .native_extraction import ExtractionKernel, extraction_kernel
 from .native_training import (
     first_layer,
+    first_two_layers,
     row_batch_norm,
     supports_first_layer,
+    supports_first_two_layers,
     supports_rows,
     training_kernels,
 )
@@ -1183,13 +1185,41 @@ class StssExtractor(nn.Module):
             return kernel(maps.reshape(maps.shape[0], -1), self._native_weights(kernel))[..., None, None]
         if all(layer.folds_norm() for layer in self.layers) and (dtype := _onednn_dtype(maps)) is not None:
             return self._onednn_features(maps.to(dtype))
-        for index, layer in enumerate(self.layers):
+        layers = self.layers
+        if (first_two := self._native_first_two_layers(maps)) is not None:
+            maps, layers = first_two, self.layers[2:]
+        for layer in layers:
             maps = layer.forward_planar(maps)
-            if index == 0 and self.training and not maps.is_contiguous(memory_format=torch.channels_last):
+            if layer is self.layers[0] and self.training and not _is_channels_last(maps):
                 # Training: the later layers run channels-last, where their BN works on rows of channels and their
                 # conv gradients are faster; the first layer's 1-channel input gains nothing from it.
                 maps = _ChannelsLast.apply(maps)
         return maps
+
+    def _native_first_two_layers(self, maps: torch.Tensor) -> torch.Tensor | None:
+        """Training (batch statistics) in fp32 on CPU: the first two layers through the native kernels
+        (`native_training.first_two_layers`), their BNs' running statistics updated as theirs would be; None where
+        they may not run."""
+        first, second = self.layers[0], self.layers[1]
+        if not (first.uses_batch_statistics() and second.uses_batch_statistics()) or not _eager(maps):
+            return None
+        weights = (first.conv.weight.squeeze(2), second.conv.weight.squeeze(2))
+        geometry = [(layer.conv.stride[-1], layer.conv.padding[-1]) for layer in (first, second)]
+        if torch.is_autocast_enabled("cpu") or not supports_first_two_layers(maps, *weights, *zip(*geometry)):
+            return None
+        if (kernels := training_kernels()) is None:
+            return None
+        out, *statistics = first_two_layers(
+            maps,
+            (weights[0], first.bn.weight, first.bn.bias),
+            (weights[1], second.bn.weight, second.bn.bias),
+            (first.bn.eps, second.bn.eps),
+            (first.activation, second.activation),
+            kernels,
+        )
+        for layer, (mean, var), size in zip((first, second), zip(*[iter(statistics)] * 2), (maps, out)):
+            _record_batch_statistics(layer.bn, mean, var, size.shape[0] * size.shape[2] * size.shape[3])
+        return out
 
     def _native_kernel(self, x: torch.Tensor) -> ExtractionKernel | None:
         """The fused C kernel of the conv extraction (`native_extraction`) where it may run on `x`: eval mode (every BN

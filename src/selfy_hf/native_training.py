@@ -38,6 +38,7 @@ _MAX_FIRST_SIDE = 9  # the first layer's map side (MAXU)
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -179,23 +180,63 @@ void selfy_row_affine_gradient(const float *x, const float *g, float *dx, const 
    channels-last (n, u, u, c). 16 maps at a time, transposed into a zero-padded [u + 2][u + 2] grid of vectors (maps
    past n are zeros). Per-channel values (a, b, c, d, shift) come as c floats. ---- */
 
-static void load_maps(const float *x, int64_t n, int64_t first, int u, vec *grid) {
-    int side = u + 2;
-    memset(grid, 0, sizeof(vec) * side * side);
-    for (int m = 0; m < LANES && first + m < n; m++)
-        for (int i = 0; i < u; i++)
-            for (int j = 0; j < u; j++) grid[(i + 1) * side + j + 1][m] = x[(first + m) * u * u + i * u + j];
+/* Transpose 16 vectors in place (r[i][j] <-> r[j][i]): 2x2, 4x4 and 8x8 blocks swapped in turn. */
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline void transpose16(vec *r) {
+    vec t[LANES];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = SHUFFLE(r[i], r[i + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+        t[i + 1] = SHUFFLE(r[i], r[i + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int j = i; j < i + 2; j++) {
+            r[j] = SHUFFLE(t[j], t[j + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+            r[j + 2] = SHUFFLE(t[j], t[j + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = i; j < i + 4; j++) {
+            t[j] = SHUFFLE(r[j], r[j + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+            t[j + 4] = SHUFFLE(r[j], r[j + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = SHUFFLE(t[j], t[j + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        r[j + 8] = SHUFFLE(t[j], t[j + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
 }
 
+/* Rows first..first + 15 of a (n, width) array as width vectors over the rows (zeros past n), 16 x 16 blocks
+   transposed in registers. */
 static void load_rows(const float *rows, int64_t n, int64_t first, int width, vec *out) {
-    memset(out, 0, sizeof(vec) * width);
-    for (int m = 0; m < LANES && first + m < n; m++)
-        for (int k = 0; k < width; k++) out[k][m] = rows[(first + m) * width + k];
+    int count = n - first < LANES ? (int)(n - first) : LANES, whole = width / LANES * LANES;
+    for (int k = 0; k < whole; k += LANES) {
+        vec block[LANES];
+        for (int m = 0; m < LANES; m++) block[m] = m < count ? LOAD(rows + (first + m) * width + k) : (vec){};
+        transpose16(block);
+        memcpy(out + k, block, sizeof block);
+    }
+    for (int k = whole; k < width; k++)
+        for (int m = 0; m < LANES; m++) out[k][m] = m < count ? rows[(first + m) * width + k] : 0.0f;
 }
 
 static void store_rows(const vec *values, int64_t n, int64_t first, int width, float *rows) {
-    for (int m = 0; m < LANES && first + m < n; m++)
-        for (int k = 0; k < width; k++) rows[(first + m) * width + k] = values[k][m];
+    int count = n - first < LANES ? (int)(n - first) : LANES, whole = width / LANES * LANES;
+    for (int k = 0; k < whole; k += LANES) {
+        vec block[LANES];
+        memcpy(block, values + k, sizeof block);
+        transpose16(block);
+        for (int m = 0; m < count; m++) STORE(rows + (first + m) * width + k, block[m]);
+    }
+    for (int k = whole; k < width; k++)
+        for (int m = 0; m < count; m++) rows[(first + m) * width + k] = values[k][m];
+}
+
+/* The tile of maps first..first + 15 (zeros past n), transposed into a zero-padded grid. */
+static void load_maps(const float *x, int64_t n, int64_t first, int u, vec *grid) {
+    int side = u + 2;
+    vec maps[MAXU * MAXU];
+    load_rows(x, n, first, u * u, maps);
+    memset(grid, 0, sizeof(vec) * side * side);
+    for (int i = 0; i < u; i++) memcpy(grid + (i + 1) * side + 1, maps + i * u, sizeof(vec) * u);
 }
 
 static inline vec conv_at(const vec *grid, int side, const float *w, int i, int j) {
@@ -336,6 +377,222 @@ void selfy_first_backward(const float *x, const float *w, const float *g, const 
             for (int j = 0; j < c * 9; j++) grad_w[j] += partial[t][j];
     }
 }
+
+/* ---- The first two layers whole: the first as above (c1 channels), then a 3x3 stride-2 conv (padding 1) to c2 = 16
+   channels over its u x u output, (n, v, v, c2) channels-last, v = (u - 1) / 2 + 1. The first layer's output is
+   recomputed in every pass from the maps, never stored. The second conv's weight comes as [ky][kx][c1][c2]. ---- */
+
+#define PAIR_C2 LANES
+typedef struct { int u, v, c1, c2; } pair_shape;
+
+/* A thread's tiles: the grid, both layers' values and gradients, the second conv's weight-gradient sums. */
+typedef struct { vec *grid, *y1, *z1, *y2, *g2, *gz1, *back, *weights; dvec *weight_sums; } pair_scratch;
+
+static pair_scratch pair_alloc(const pair_shape *p) {
+    int side = p->u + 2, first = p->u * p->u * p->c1, second = p->v * p->v * p->c2, taps = 9 * p->c1 * p->c2;
+    vec *block = aligned_alloc(64, sizeof(vec) * (2 * side * side + 3 * first + 2 * second + taps) + 2 * sizeof(vec) * taps);
+    pair_scratch s = {block, block + side * side, block + side * side + first, block + side * side + 2 * first,
+                      block + side * side + 2 * first + second, block + side * side + 2 * first + 2 * second,
+                      block + side * side + 3 * first + 2 * second, block + 2 * side * side + 3 * first + 2 * second,
+                      (dvec *)(block + 2 * side * side + 3 * first + 2 * second + taps)};
+    memset(s.weights, 0, sizeof(vec) * taps);
+    memset(s.weight_sums, 0, 2 * sizeof(vec) * taps);
+    return s;
+}
+
+/* The first layer for a tile: its conv output y1 and its BN + ReLU output z1, [position][channel]. */
+static void first_outputs(const pair_scratch *s, const float *w1, const float *a1, const float *s1, const float *b1,
+                          int relu, const pair_shape *p) {
+    int side = p->u + 2;
+    for (int i = 0; i < p->u; i++)
+        for (int j = 0; j < p->u; j++)
+            for (int ch = 0; ch < p->c1; ch++) {
+                int at = (i * p->u + j) * p->c1 + ch;
+                vec y = conv_at(s->grid, side, w1 + ch * 9, i, j);
+                vec pre = affine(a1[ch] + (vec){}, y, s1[ch] + (vec){}, b1[ch] + (vec){});
+                s->y1[at] = y;
+                s->z1[at] = masked(pre, keeps(pre, relu));
+            }
+}
+
+/* The input position a second-layer output (i, j) reads at tap (ky, kx), or -1 on the padding. */
+static inline int second_input(const pair_shape *p, int i, int j, int ky, int kx) {
+    int y = 2 * i - 1 + ky, x = 2 * j - 1 + kx;
+    return y < 0 || y >= p->u || x < 0 || x >= p->u ? -1 : y * p->u + x;
+}
+
+/* The second conv over a tile, its 16 output channels in 16 accumulators (c2 = 16: a constant, kept in registers). */
+static void second_conv(const vec *z1, const float *w2, const pair_shape *p, vec *y2) {
+    for (int i = 0; i < p->v; i++)
+        for (int j = 0; j < p->v; j++) {
+            vec out[PAIR_C2] = {0};
+            for (int tap = 0; tap < 9; tap++) {
+                int at = second_input(p, i, j, tap / 3, tap % 3);
+                for (int ci = 0; at >= 0 && ci < p->c1; ci++) {
+                    vec value = z1[at * p->c1 + ci];
+                    const float *w = w2 + (tap * p->c1 + ci) * PAIR_C2;
+                    for (int co = 0; co < PAIR_C2; co++) out[co] += w[co] * value;
+                }
+            }
+            memcpy(y2 + (i * p->v + j) * PAIR_C2, out, sizeof out);
+        }
+}
+
+/* The second conv's input gradient (gz1) and weight gradient (added to `weights`, NULL: none) from its output
+   gradient g2. */
+static void second_conv_backward(const vec *z1, const vec *g2, const float *w2, const pair_shape *p, vec *gz1,
+                                 vec *weights) {
+    memset(gz1, 0, sizeof(vec) * p->u * p->u * p->c1);
+    for (int i = 0; i < p->v; i++)
+        for (int j = 0; j < p->v; j++) {
+            vec g[PAIR_C2];
+            memcpy(g, g2 + (i * p->v + j) * PAIR_C2, sizeof g);
+            for (int tap = 0; tap < 9; tap++) {
+                int at = second_input(p, i, j, tap / 3, tap % 3);
+                for (int ci = 0; at >= 0 && ci < p->c1; ci++) {
+                    const float *w = w2 + (tap * p->c1 + ci) * PAIR_C2;
+                    vec sums[4] = {0};  /* four chains, not one of 16 dependent FMAs */
+                    for (int co = 0; co < PAIR_C2; co++) sums[co % 4] += w[co] * g[co];
+                    gz1[at * p->c1 + ci] += (sums[0] + sums[1]) + (sums[2] + sums[3]);
+                    if (!weights) continue;
+                    vec value = z1[at * p->c1 + ci], *weight = weights + (tap * p->c1 + ci) * PAIR_C2;
+                    for (int co = 0; co < PAIR_C2; co++) weight[co] += value * g[co];
+                }
+            }
+        }
+}
+
+/* Forward: the second conv's output y2 (n, v, v, c2), and per channel the sums of y2 and of its square. */
+void selfy_pair_forward(const float *x, const float *w1, const float *a1, const float *s1, const float *b1, int relu1,
+                        const float *w2, int64_t n, int u, int c1, int c2, float *y2, double *sums, double *squares,
+                        int threads) {
+    pair_shape p = {u, (u - 1) / 2 + 1, c1, c2};
+    int64_t tiles = (n + LANES - 1) / LANES;
+    double partial[threads][2][MAXW];
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        pair_scratch s = pair_alloc(&p);
+        double sum[MAXC] = {0}, square[MAXC] = {0};
+        int64_t begin, end;
+        split(tiles, threads, t, &begin, &end);
+        for (int64_t tile = begin; tile < end; tile++) {
+            load_maps(x, n, tile * LANES, u, s.grid);
+            first_outputs(&s, w1, a1, s1, b1, relu1, &p);
+            second_conv(s.z1, w2, &p, s.y2);
+            vec valid = valid_lanes(tile * LANES, n);  /* maps past n: zeros, but not after the first BN */
+            for (int co = 0; co < c2; co++) {
+                vec vs = {0}, vq = {0};
+                for (int at = 0; at < p.v * p.v; at++) {
+                    vec value = s.y2[at * c2 + co] * valid;
+                    vs += value;
+                    vq += value * value;
+                }
+                sum[co] += lane_sum(vs);
+                square[co] += lane_sum(vq);
+            }
+            store_rows(s.y2, n, tile * LANES, p.v * p.v * c2, y2);
+        }
+        memcpy(partial[t][0], sum, sizeof(double) * c2);
+        memcpy(partial[t][1], square, sizeof(double) * c2);
+        free(s.grid);
+    }
+    combine(threads, c2, partial, sums, squares);
+}
+
+/* Backward, given the second BN's terms (its input gradient a2 * g' + c2_ + d2_ * (y2 - s2), g' = gz2 through its
+   ReLU). first_pass: the first BN's gradient sums (of g1' and g1' * (y1 - s1)) and the second conv's weight gradient
+   (w2 layout, double); else, with the first BN's terms c1_, d1_: the maps' gradient (NULL: none) and the first conv's
+   weight gradient (c1 x 9, double). */
+void selfy_pair_backward(const float *x, const float *w1, const float *a1, const float *s1, const float *b1, int relu1,
+                         const float *w2, const float *y2, const float *gz2, const float *a2, const float *s2,
+                         const float *b2, const float *c2_, const float *d2_, int relu2, const float *c1_,
+                         const float *d1_, int first_pass, int64_t n, int u, int c1, int c2, double *sums,
+                         double *products, double *grad_w2, float *grad_x, double *grad_w1, int threads) {
+    pair_shape p = {u, (u - 1) / 2 + 1, c1, c2};
+    int64_t tiles = (n + LANES - 1) / LANES;
+    int side = u + 2, second = p.v * p.v * c2, taps2 = 9 * c1 * c2;
+    double partial[threads][2][MAXW], partial_w1[threads][MAXC * 9], (*partial_w2)[taps2] = malloc(sizeof(double) * threads * taps2);
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num();
+        pair_scratch s = pair_alloc(&p);
+        double sum[MAXC] = {0}, product[MAXC] = {0}, weights1[MAXC * 9] = {0};
+        int64_t begin, end;
+        split(tiles, threads, t, &begin, &end);
+        for (int64_t tile = begin; tile < end; tile++) {
+            load_maps(x, n, tile * LANES, u, s.grid);
+            first_outputs(&s, w1, a1, s1, b1, relu1, &p);
+            load_rows(y2, n, tile * LANES, second, s.y2);
+            load_rows(gz2, n, tile * LANES, second, s.g2);
+            vec valid = valid_lanes(tile * LANES, n);  /* no gradient from the maps past n */
+            for (int at = 0; at < second; at++) {
+                int co = at % c2;
+                vec pre = affine(a2[co] + (vec){}, s.y2[at], s2[co] + (vec){}, b2[co] + (vec){});
+                vec through = masked(s.g2[at], passes(pre, relu2));
+                s.g2[at] = (a2[co] * through + (c2_[co] + d2_[co] * (s.y2[at] - s2[co]))) * valid;
+            }
+            second_conv_backward(s.z1, s.g2, w2, &p, s.gz1, first_pass ? s.weights : NULL);
+            if (first_pass)
+                for (int k = 0; k < taps2; k++) {
+                    s.weight_sums[2 * k] += LOW(s.weights[k]);
+                    s.weight_sums[2 * k + 1] += HIGH(s.weights[k]);
+                    s.weights[k] = (vec){};
+                }
+            memset(s.back, 0, sizeof(vec) * side * side);
+            for (int ch = 0; ch < c1; ch++) {
+                vec vs = {0}, vq = {0}, taps[9] = {0};
+                for (int i = 0; i < u; i++)
+                    for (int j = 0; j < u; j++) {
+                        int at = (i * u + j) * c1 + ch;
+                        vec pre = affine(a1[ch] + (vec){}, s.y1[at], s1[ch] + (vec){}, b1[ch] + (vec){});
+                        vec through = masked(s.gz1[at], passes(pre, relu1)), centred = s.y1[at] - s1[ch];
+                        if (first_pass) {
+                            vs += through;
+                            vq += through * centred;
+                            continue;
+                        }
+                        vec gy = a1[ch] * through + (c1_[ch] + d1_[ch] * centred);
+                        for (int tap = 0; tap < 9; tap++) {
+                            int cell = (i + tap / 3) * side + j + tap % 3;
+                            taps[tap] += gy * s.grid[cell];
+                            s.back[cell] += w1[ch * 9 + tap] * gy;
+                        }
+                    }
+                sum[ch] += lane_sum(vs);
+                product[ch] += lane_sum(vq);
+                for (int tap = 0; tap < 9; tap++) weights1[ch * 9 + tap] += lane_sum(taps[tap]);
+            }
+            if (!first_pass && grad_x) {
+                for (int i = 0; i < u; i++)
+                    for (int j = 0; j < u; j++) s.gz1[i * u + j] = s.back[(i + 1) * side + j + 1];
+                store_rows(s.gz1, n, tile * LANES, u * u, grad_x);
+            }
+        }
+        memcpy(partial[t][0], sum, sizeof(double) * c1);
+        memcpy(partial[t][1], product, sizeof(double) * c1);
+        memcpy(partial_w1[t], weights1, sizeof(double) * c1 * 9);
+        for (int k = 0; k < taps2; k++) {
+            double total = 0.0;
+            for (int m = 0; m < LANES / 2; m++) total += s.weight_sums[2 * k][m] + s.weight_sums[2 * k + 1][m];
+            partial_w2[t][k] = total;
+        }
+        free(s.grid);
+    }
+    if (first_pass) {
+        combine(threads, c1, partial, sums, products);
+        for (int k = 0; k < taps2; k++) {
+            grad_w2[k] = 0.0;
+            for (int t = 0; t < threads; t++) grad_w2[k] += partial_w2[t][k];
+        }
+    } else if (grad_w1) {
+        for (int k = 0; k < c1 * 9; k++) {
+            grad_w1[k] = 0.0;
+            for (int t = 0; t < threads; t++) grad_w1[k] += partial_w1[t][k];
+        }
+    }
+    free(partial_w2);
+}
 """
 
 
@@ -357,6 +614,16 @@ class TrainingKernels:
             + [number],
             "first_forward": [pointer] * 5 + [number, size, number, number, pointer, number],
             "first_backward": [pointer] * 8 + [number, size, number, number] + [pointer] * 2 + [number],
+            "pair_forward": [pointer] * 5 + [number, pointer, size] + [number] * 3 + [pointer] * 3 + [number],
+            "pair_backward": [pointer] * 5
+            + [number]
+            + [pointer] * 8
+            + [number]
+            + [pointer] * 2
+            + [number, size]
+            + [number] * 3
+            + [pointer] * 5
+            + [number],
         }
         self._functions = {}
         for name, argtypes in signatures.items():
@@ -397,6 +664,20 @@ def supports_first_layer(maps: torch.Tensor, weight: torch.Tensor, stride: int, 
         and tuple(weight.shape[1:]) == (1, 3, 3)
         and weight.shape[0] <= _MAX_FIRST_CHANNELS
         and (stride, padding) == (1, 1)
+    )
+
+
+def supports_first_two_layers(
+    maps: torch.Tensor, first: torch.Tensor, second: torch.Tensor, strides, paddings
+) -> bool:
+    """Whether `first_two_layers` takes these convs (weights `first`, `second`): the first as `supports_first_layer`,
+    the second a 3x3 fp32 conv with stride 2 and padding 1 to 16 channels (the official 4 -> 16)."""
+    return (
+        supports_first_layer(maps, first, strides[0], paddings[0])
+        and second.dtype == torch.float32
+        and tuple(second.shape[1:]) == (first.shape[0], 3, 3)
+        and second.shape[0] == _LANES  # the C code's PAIR_C2
+        and (strides[1], paddings[1]) == (2, 1)
     )
 
 
@@ -479,6 +760,79 @@ class _RowBatchNorm(torch.autograd.Function):
                 "row_affine_gradient", rows, grad, grad_rows, a, shift, b, c, d, relu, numel, width
             )
         return grad_rows, grad_gamma.float(), grad_beta.float(), None, None, None, None
+
+
+class _FirstTwoLayers(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, maps, w1, gamma1, beta1, w2, gamma2, beta2, eps, activations, kernels):
+        count, side, c1, c2 = maps.shape[0], maps.shape[-1], w1.shape[0], w2.shape[0]
+        out_side, relu1, relu2 = (side - 1) // 2 + 1, int(activations[0]), int(activations[1])
+        maps, w1 = maps.contiguous(), w1.reshape(c1, 9).contiguous()
+        w2 = w2.permute(2, 3, 1, 0).contiguous()  # [ky][kx][c1][c2]
+        first_positions, second_positions = count * side * side, count * out_side * out_side
+        sums, squares = (maps.new_empty(c1, dtype=torch.float64) for _ in range(2))
+        kernels.call("first_moments", maps, w1, None, count, side, c1, sums, squares)
+        first_shift = (sums / first_positions).float()
+        kernels.call("first_moments", maps, w1, first_shift, count, side, c1, sums, squares)
+        first = _normalization(sums, squares, first_positions, first_shift, gamma1, beta1, eps[0])
+        a1, s1, b1 = first[3].float(), first[4], first[5].float()
+        y2 = maps.new_empty(count, out_side, out_side, c2)
+        sums, squares = (maps.new_empty(c2, dtype=torch.float64) for _ in range(2))
+        kernels.call("pair_forward", maps, w1, a1, s1, b1, relu1, w2, count, side, c1, c2, y2, sums, squares)
+        second = _normalization(sums, squares, second_positions, None, gamma2, beta2, eps[1])
+        width = row_width(c2)
+        a2, s2, b2 = (_tiled(v, width) for v in second[3:])
+        z2 = torch.empty_like(y2)
+        kernels.call("row_affine", y2, z2, a2, s2, b2, relu2, y2.numel(), width)
+        ctx.save_for_backward(
+            maps, w1, a1, s1, b1, w2, y2, a2, s2, b2, *first[:4:2], first[3], *second[:4:2], second[3]
+        )
+        ctx.activations, ctx.kernels = (relu1, relu2), kernels
+        statistics = [t.float() for t in (first[0], first[1], second[0], second[1])]
+        return z2.permute(0, 3, 1, 2), *statistics
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, *_grad_statistics):
+        maps, w1, a1, s1, b1, w2, y2, a2, s2, b2, mean1, invstd1, scale1, mean2, invstd2, scale2 = (
+            ctx.saved_tensors
+        )
+        relu1, relu2 = ctx.activations
+        count, side, c1, c2 = maps.shape[0], maps.shape[-1], w1.shape[0], w2.shape[-1]
+        width = a2.shape[0]
+        grad = grad.permute(0, 2, 3, 1).contiguous().float()  # channels-last, as y2
+        sums, products = (maps.new_empty(width, dtype=torch.float64) for _ in range(2))
+        ctx.kernels.call(
+            "row_gradient_moments", y2, grad, a2, s2, b2, relu2, y2.numel(), width, sums, products
+        )
+        second = _gradient_terms(
+            _per_channel(sums, c2),
+            _per_channel(products, c2),
+            mean2,
+            invstd2,
+            scale2,
+            s2[:c2],
+            y2.numel() // c2,
+        )
+        c2_, d2_ = second[2].float(), second[3].float()
+        sums, products = (maps.new_empty(c1, dtype=torch.float64) for _ in range(2))
+        grad_w2 = maps.new_empty(9 * c1 * c2, dtype=torch.float64)
+        first_layer = (maps, w1, a1, s1, b1, relu1, w2, y2, grad, a2[:c2], s2[:c2], b2[:c2], c2_, d2_, relu2)
+        geometry = (count, side, c1, c2)
+        ctx.kernels.call(
+            "pair_backward", *first_layer, None, None, 1, *geometry, sums, products, grad_w2, None, None
+        )
+        first = _gradient_terms(sums, products, mean1, invstd1, scale1, s1, count * side * side)
+        grad_maps = torch.empty_like(maps) if ctx.needs_input_grad[0] else None
+        grad_w1 = maps.new_empty(c1 * 9, dtype=torch.float64)
+        terms = (first[2].float(), first[3].float())
+        ctx.kernels.call(
+            "pair_backward", *first_layer, *terms, 0, *geometry, None, None, None, grad_maps, grad_w1
+        )
+        grad_w1 = grad_w1.float().view(c1, 1, 3, 3)
+        grad_w2 = grad_w2.float().view(3, 3, c1, c2).permute(3, 2, 0, 1).contiguous()
+        floats = [t.float() for t in (first[0], first[1], second[0], second[1])]
+        return grad_maps, grad_w1, floats[0], floats[1], grad_w2, floats[2], floats[3], None, None, None
 
 
 class _FirstLayer(torch.autograd.Function):
@@ -569,6 +923,22 @@ def first_layer(
     return out, mean.detach(), var.detach()
 
 
+def first_two_layers(
+    maps: torch.Tensor,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eps: tuple[float, float],
+    activations: tuple[bool, bool],
+    kernels: TrainingKernels,
+) -> tuple[torch.Tensor, ...]:
+    """`first_layer`, then a 3x3 stride-2 conv (padding 1) of its output, its training-mode BN and a ReLU if
+    `activations[1]`, as one differentiable function (`supports_first_two_layers`): `first` and `second` hold each
+    layer's conv weight, BN weight and BN bias. The first layer's output is recomputed in each pass instead of stored.
+    Returns the `(N, C2, V, V)` channels-last output and each conv output's batch mean and biased variance."""
+    out, *statistics = _FirstTwoLayers.apply(maps, *first, *second, eps, activations, kernels)
+    return out, *(t.detach() for t in statistics)
+
+
 def training_kernels() -> TrainingKernels | None:
     """The training kernels, built or loaded once per process; None where turned off or they cannot be built."""
     if not native_kernels_enabled():
@@ -591,9 +961,11 @@ def _load(cache, compiler: str) -> TrainingKernels | None:
 __all__ = [
     "TrainingKernels",
     "first_layer",
+    "first_two_layers",
     "row_batch_norm",
     "row_width",
     "supports_first_layer",
+    "supports_first_two_layers",
     "supports_rows",
     "training_kernels",
 ]
