@@ -54,9 +54,9 @@ def kernel_calls(monkeypatch):
     calls = []
     original = TrainingKernels.call
 
-    def counted(self, name, *args):
+    def counted(self, name, *args, **kwargs):
         calls.append(name)
-        return original(self, name, *args)
+        return original(self, name, *args, **kwargs)
 
     monkeypatch.setattr(TrainingKernels, "call", counted)
     return calls

@@ -38,7 +38,6 @@ _MAX_FIRST_SIDE = 9  # the first layer's map side (MAXU)
 
 _SOURCE = r"""
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -385,18 +384,33 @@ void selfy_first_backward(const float *x, const float *w, const float *g, const 
 #define PAIR_C2 LANES
 typedef struct { int u, v, c1, c2; } pair_shape;
 
-/* A thread's tiles: the grid, both layers' values and gradients, the second conv's weight-gradient sums. */
+/* A thread's tiles: the grid, both layers' values and gradients, the second conv's weight-gradient sums; carved out of
+   the caller's scratch (selfy_pair_scratch_bytes per thread, 64-byte aligned). */
 typedef struct { vec *grid, *y1, *z1, *y2, *g2, *gz1, *back, *weights; dvec *weight_sums; } pair_scratch;
 
-static pair_scratch pair_alloc(const pair_shape *p) {
+static int64_t pair_scratch_vectors(const pair_shape *p) {
     int side = p->u + 2, first = p->u * p->u * p->c1, second = p->v * p->v * p->c2, taps = 9 * p->c1 * p->c2;
-    vec *block = aligned_alloc(64, sizeof(vec) * (2 * side * side + 3 * first + 2 * second + taps) + 2 * sizeof(vec) * taps);
-    pair_scratch s = {block, block + side * side, block + side * side + first, block + side * side + 2 * first,
-                      block + side * side + 2 * first + second, block + side * side + 2 * first + 2 * second,
-                      block + side * side + 3 * first + 2 * second, block + 2 * side * side + 3 * first + 2 * second,
-                      (dvec *)(block + 2 * side * side + 3 * first + 2 * second + taps)};
-    memset(s.weights, 0, sizeof(vec) * taps);
-    memset(s.weight_sums, 0, 2 * sizeof(vec) * taps);
+    return 2 * side * side + 3 * first + 2 * second + 3 * taps;  /* the weight-gradient sums: 2 dvecs a tap */
+}
+
+int64_t selfy_pair_scratch_bytes(int u, int c1, int c2) {
+    pair_shape p = {u, (u - 1) / 2 + 1, c1, c2};
+    return pair_scratch_vectors(&p) * (int64_t)sizeof(vec);
+}
+
+static pair_scratch pair_scratch_of(const pair_shape *p, vec *scratch, int thread) {
+    int side = p->u + 2, first = p->u * p->u * p->c1, second = p->v * p->v * p->c2, taps = 9 * p->c1 * p->c2;
+    vec *at = scratch + thread * pair_scratch_vectors(p);
+    pair_scratch s;
+    s.grid = at, at += side * side;
+    s.y1 = at, at += first;
+    s.z1 = at, at += first;
+    s.y2 = at, at += second;
+    s.g2 = at, at += second;
+    s.gz1 = at, at += first;
+    s.back = at, at += side * side;
+    s.weights = at, at += taps;
+    s.weight_sums = (dvec *)at;
     return s;
 }
 
@@ -465,14 +479,14 @@ static void second_conv_backward(const vec *z1, const vec *g2, const float *w2, 
 /* Forward: the second conv's output y2 (n, v, v, c2), and per channel the sums of y2 and of its square. */
 void selfy_pair_forward(const float *x, const float *w1, const float *a1, const float *s1, const float *b1, int relu1,
                         const float *w2, int64_t n, int u, int c1, int c2, float *y2, double *sums, double *squares,
-                        int threads) {
+                        vec *scratch, int threads) {
     pair_shape p = {u, (u - 1) / 2 + 1, c1, c2};
     int64_t tiles = (n + LANES - 1) / LANES;
     double partial[threads][2][MAXW];
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num();
-        pair_scratch s = pair_alloc(&p);
+        pair_scratch s = pair_scratch_of(&p, scratch, t);
         double sum[MAXC] = {0}, square[MAXC] = {0};
         int64_t begin, end;
         split(tiles, threads, t, &begin, &end);
@@ -495,7 +509,6 @@ void selfy_pair_forward(const float *x, const float *w1, const float *a1, const 
         }
         memcpy(partial[t][0], sum, sizeof(double) * c2);
         memcpy(partial[t][1], square, sizeof(double) * c2);
-        free(s.grid);
     }
     combine(threads, c2, partial, sums, squares);
 }
@@ -508,15 +521,18 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
                          const float *w2, const float *y2, const float *gz2, const float *a2, const float *s2,
                          const float *b2, const float *c2_, const float *d2_, int relu2, const float *c1_,
                          const float *d1_, int first_pass, int64_t n, int u, int c1, int c2, double *sums,
-                         double *products, double *grad_w2, float *grad_x, double *grad_w1, int threads) {
+                         double *products, double *grad_w2, float *grad_x, double *grad_w1, vec *scratch,
+                         int threads) {
     pair_shape p = {u, (u - 1) / 2 + 1, c1, c2};
     int64_t tiles = (n + LANES - 1) / LANES;
     int side = u + 2, second = p.v * p.v * c2, taps2 = 9 * c1 * c2;
-    double partial[threads][2][MAXW], partial_w1[threads][MAXC * 9], (*partial_w2)[taps2] = malloc(sizeof(double) * threads * taps2);
+    double partial[threads][2][MAXW], partial_w1[threads][MAXC * 9];
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num();
-        pair_scratch s = pair_alloc(&p);
+        pair_scratch s = pair_scratch_of(&p, scratch, t);
+        memset(s.weights, 0, sizeof(vec) * taps2);
+        memset(s.weight_sums, 0, 2 * sizeof(vec) * taps2);
         double sum[MAXC] = {0}, product[MAXC] = {0}, weights1[MAXC * 9] = {0};
         int64_t begin, end;
         split(tiles, threads, t, &begin, &end);
@@ -572,18 +588,14 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
         memcpy(partial[t][0], sum, sizeof(double) * c1);
         memcpy(partial[t][1], product, sizeof(double) * c1);
         memcpy(partial_w1[t], weights1, sizeof(double) * c1 * 9);
-        for (int k = 0; k < taps2; k++) {
-            double total = 0.0;
-            for (int m = 0; m < LANES / 2; m++) total += s.weight_sums[2 * k][m] + s.weight_sums[2 * k + 1][m];
-            partial_w2[t][k] = total;
-        }
-        free(s.grid);
     }
     if (first_pass) {
         combine(threads, c1, partial, sums, products);
-        for (int k = 0; k < taps2; k++) {
-            grad_w2[k] = 0.0;
-            for (int t = 0; t < threads; t++) grad_w2[k] += partial_w2[t][k];
+        for (int k = 0; k < taps2; k++) grad_w2[k] = 0.0;
+        for (int t = 0; t < threads; t++) {
+            const dvec *weight_sums = pair_scratch_of(&p, scratch, t).weight_sums;
+            for (int k = 0; k < taps2; k++)
+                for (int m = 0; m < LANES / 2; m++) grad_w2[k] += weight_sums[2 * k][m] + weight_sums[2 * k + 1][m];
         }
     } else if (grad_w1) {
         for (int k = 0; k < c1 * 9; k++) {
@@ -591,7 +603,6 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
             for (int t = 0; t < threads; t++) grad_w1[k] += partial_w1[t][k];
         }
     }
-    free(partial_w2);
 }
 """
 
@@ -614,7 +625,7 @@ class TrainingKernels:
             + [number],
             "first_forward": [pointer] * 5 + [number, size, number, number, pointer, number],
             "first_backward": [pointer] * 8 + [number, size, number, number] + [pointer] * 2 + [number],
-            "pair_forward": [pointer] * 5 + [number, pointer, size] + [number] * 3 + [pointer] * 3 + [number],
+            "pair_forward": [pointer] * 5 + [number, pointer, size] + [number] * 3 + [pointer] * 4 + [number],
             "pair_backward": [pointer] * 5
             + [number]
             + [pointer] * 8
@@ -622,7 +633,7 @@ class TrainingKernels:
             + [pointer] * 2
             + [number, size]
             + [number] * 3
-            + [pointer] * 5
+            + [pointer] * 6
             + [number],
         }
         self._functions = {}
@@ -630,12 +641,22 @@ class TrainingKernels:
             function = getattr(library, f"selfy_{name}")
             function.argtypes, function.restype = argtypes, None
             self._functions[name] = function
+        self._pair_scratch_bytes = library.selfy_pair_scratch_bytes
+        self._pair_scratch_bytes.argtypes, self._pair_scratch_bytes.restype = [number] * 3, size
 
-    def call(self, name: str, *arguments) -> None:
-        """Run a C function (its thread count last); tensors are passed by address (the caller keeps them alive
-        and sizes them)."""
+    def call(self, name: str, *arguments, threads: int | None = None) -> None:
+        """Run a C function on `threads` (default: `kernel_threads()`; the C functions take it last); tensors are
+        passed by address (the caller keeps them alive and sizes them)."""
         values = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in arguments]
-        self._functions[name](*values, kernel_threads())
+        self._functions[name](*values, threads or kernel_threads())
+
+    def pair_scratch(
+        self, side: int, first_channels: int, second_channels: int, threads: int
+    ) -> torch.Tensor:
+        """The working memory of the first two layers' functions on `threads` threads (torch's allocator: a
+        failure raises here, not inside the C code)."""
+        per_thread = self._pair_scratch_bytes(side, first_channels, second_channels)
+        return torch.empty(threads * per_thread, dtype=torch.uint8)
 
 
 def row_width(channels: int) -> int | None:
@@ -778,7 +799,10 @@ class _FirstTwoLayers(torch.autograd.Function):
         a1, s1, b1 = first[3].float(), first[4], first[5].float()
         y2 = maps.new_empty(count, out_side, out_side, c2)
         sums, squares = (maps.new_empty(c2, dtype=torch.float64) for _ in range(2))
-        kernels.call("pair_forward", maps, w1, a1, s1, b1, relu1, w2, count, side, c1, c2, y2, sums, squares)
+        threads = kernel_threads()
+        scratch = kernels.pair_scratch(side, c1, c2, threads)
+        pair = (maps, w1, a1, s1, b1, relu1, w2, count, side, c1, c2)
+        kernels.call("pair_forward", *pair, y2, sums, squares, scratch, threads=threads)
         second = _normalization(sums, squares, second_positions, None, gamma2, beta2, eps[1])
         width = row_width(c2)
         a2, s2, b2 = (_tiled(v, width) for v in second[3:])
@@ -799,36 +823,28 @@ class _FirstTwoLayers(torch.autograd.Function):
         )
         relu1, relu2 = ctx.activations
         count, side, c1, c2 = maps.shape[0], maps.shape[-1], w1.shape[0], w2.shape[-1]
-        width = a2.shape[0]
+        width, kernels = a2.shape[0], ctx.kernels
         grad = grad.permute(0, 2, 3, 1).contiguous().float()  # channels-last, as y2
+        # The second BN's gradient sums over its rows, then its input gradient's terms.
         sums, products = (maps.new_empty(width, dtype=torch.float64) for _ in range(2))
-        ctx.kernels.call(
-            "row_gradient_moments", y2, grad, a2, s2, b2, relu2, y2.numel(), width, sums, products
-        )
-        second = _gradient_terms(
-            _per_channel(sums, c2),
-            _per_channel(products, c2),
-            mean2,
-            invstd2,
-            scale2,
-            s2[:c2],
-            y2.numel() // c2,
-        )
-        c2_, d2_ = second[2].float(), second[3].float()
+        kernels.call("row_gradient_moments", y2, grad, a2, s2, b2, relu2, y2.numel(), width, sums, products)
+        sums, products = _per_channel(sums, c2), _per_channel(products, c2)
+        second = _gradient_terms(sums, products, mean2, invstd2, scale2, s2[:c2], y2.numel() // c2)
+        inputs = (maps, w1, a1, s1, b1, relu1, w2, y2, grad, a2[:c2], s2[:c2], b2[:c2])
+        inputs += (second[2].float(), second[3].float(), relu2)
+        geometry, threads = (count, side, c1, c2), kernel_threads()
+        scratch = kernels.pair_scratch(side, c1, c2, threads)
+        # Pass 1: the first BN's gradient sums and the second conv's weight gradient.
         sums, products = (maps.new_empty(c1, dtype=torch.float64) for _ in range(2))
         grad_w2 = maps.new_empty(9 * c1 * c2, dtype=torch.float64)
-        first_layer = (maps, w1, a1, s1, b1, relu1, w2, y2, grad, a2[:c2], s2[:c2], b2[:c2], c2_, d2_, relu2)
-        geometry = (count, side, c1, c2)
-        ctx.kernels.call(
-            "pair_backward", *first_layer, None, None, 1, *geometry, sums, products, grad_w2, None, None
-        )
+        outputs = (sums, products, grad_w2, None, None, scratch)
+        kernels.call("pair_backward", *inputs, None, None, 1, *geometry, *outputs, threads=threads)
         first = _gradient_terms(sums, products, mean1, invstd1, scale1, s1, count * side * side)
+        # Pass 2: the maps' and the first conv's gradients.
         grad_maps = torch.empty_like(maps) if ctx.needs_input_grad[0] else None
         grad_w1 = maps.new_empty(c1 * 9, dtype=torch.float64)
-        terms = (first[2].float(), first[3].float())
-        ctx.kernels.call(
-            "pair_backward", *first_layer, *terms, 0, *geometry, None, None, None, grad_maps, grad_w1
-        )
+        terms, outputs = (first[2].float(), first[3].float()), (None, None, None, grad_maps, grad_w1, scratch)
+        kernels.call("pair_backward", *inputs, *terms, 0, *geometry, *outputs, threads=threads)
         grad_w1 = grad_w1.float().view(c1, 1, 3, 3)
         grad_w2 = grad_w2.float().view(3, 3, c1, c2).permute(3, 2, 0, 1).contiguous()
         floats = [t.float() for t in (first[0], first[1], second[0], second[1])]
