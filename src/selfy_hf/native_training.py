@@ -1,15 +1,16 @@
 """
 C kernels for the training step of the SELFY block's conv extraction (paper 3.2.1) on CPU: its batch norms on batch
-statistics with their ReLUs, and its first layer whole, in as few passes over memory as they need.
+statistics with their ReLUs, and its first two layers whole, in as few passes over memory as they need.
 
 The extraction's BNs see 10-20x the backbone's activations (the 16 -> 64 conv's 4.5 million outputs per
 SELFYNet-TSM-R18 clip), and PyTorch's ops spend a pass on each step: the squares, their sums, the affine map, the
 ReLU, in backward the ReLU's mask, then the BN backward's two. Here a BN + ReLU over rows of channels is one pass for
 its statistics and one writing its output; its backward one pass for the sums it needs and one writing the input
 gradient, the ReLU's decisions recomputed from the input (bit for bit: the library is compiled without FMA
-contraction). The first layer (1 -> C channels, a 3x3 conv over U x U similarity maps, its BN and ReLU) runs
-vectorised over 16 maps at a time, recomputing its tiny conv in each pass instead of storing it: its output is the
-one large tensor it writes, and the conv's gradients come from the backward's second pass.
+contraction). The first layer (1 -> C channels, a 3x3 conv over U x U similarity maps, its BN and ReLU), alone or
+with the second (a 3x3 stride-2 conv to 16 channels, its BN and ReLU), runs vectorised over 16 maps at a time,
+recomputing the first layer's tiny conv in each pass instead of storing its output: the second conv's output is the
+one large tensor it writes, and both convs' gradients come from two backward passes.
 
 Statistics are sums in double: mean, then squares about it, where the input is not already centred. Built and cached
 as `native_extraction` builds its kernel (C with GCC/Clang vector extensions and OpenMP, for any instruction set:
@@ -608,8 +609,8 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
 
 
 class TrainingKernels:
-    """The compiled training kernels (see the module docstring), called on fp32 CPU tensors through `row_batch_norm`
-    and `first_layer`."""
+    """The compiled training kernels (see the module docstring), called on fp32 CPU tensors through `row_batch_norm`,
+    `first_layer` and `first_two_layers`."""
 
     def __init__(self, library: ctypes.CDLL):
         pointer, size, number = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
