@@ -263,6 +263,40 @@ def test_what_the_kernels_take():
     assert not supports_first_two_layers(maps, weight, torch.zeros(16, 8, 3, 3), (1, 2), (1, 1))
 
 
+def test_kernels_reject_what_they_do_not_take():
+    """Inputs the C code would read out of bounds raise a ValueError instead."""
+    kernels = _kernels_or_skip()
+    ones = torch.ones(4)
+    with pytest.raises(ValueError, match="rows"):
+        row_batch_norm(torch.zeros(8, 24), torch.ones(24), torch.zeros(24), 1e-5, True, False, kernels)
+    with pytest.raises(ValueError, match="per channel"):
+        row_batch_norm(torch.zeros(8, 16), torch.ones(15), torch.zeros(16), 1e-5, True, False, kernels)
+    maps, weight = torch.zeros(2, 1, 9, 9), torch.zeros(4, 1, 3, 3)
+    with pytest.raises(ValueError, match="maps"):
+        first_layer(torch.zeros(2, 1, 11, 11), weight, ones, ones, 1e-5, True, kernels)
+    with pytest.raises(ValueError, match="per channel"):
+        first_layer(maps, weight, torch.ones(3), ones, 1e-5, True, kernels)
+    second = (torch.zeros(16, 4, 3, 3), torch.ones(16), torch.zeros(16))
+    with pytest.raises(ValueError, match="maps"):
+        first_two_layers(
+            maps,
+            (weight, ones, ones),
+            (torch.zeros(8, 4, 3, 3), *second[1:]),
+            (1e-5,) * 2,
+            (True,) * 2,
+            kernels,
+        )
+    with pytest.raises(ValueError, match="per channel"):
+        first_two_layers(
+            maps,
+            (weight, ones, ones),
+            (second[0], torch.ones(8), second[2]),
+            (1e-5,) * 2,
+            (True,) * 2,
+            kernels,
+        )
+
+
 def _official_training_step(
     extractor: StssExtractor, similarity: torch.Tensor, upstream: torch.Tensor
 ) -> list:

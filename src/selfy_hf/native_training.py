@@ -920,6 +920,11 @@ def row_batch_norm(
     """Training-mode batch norm (affine, batch statistics) of `(M, C)` rows (`supports_rows`), then a ReLU if
     `activation`: the output and the batch mean and biased variance (no gradient). `centred`: the rows' mean is
     known to be near zero, so one pass gives their statistics without cancellation."""
+    if not supports_rows(rows):
+        raise ValueError(
+            f"expected contiguous fp32 CPU (M, C) rows with C fitting row_width, got {rows.shape}"
+        )
+    _check_per_channel(rows.shape[1], weight, bias)
     out, mean, var = _RowBatchNorm.apply(rows, weight, bias, eps, activation, centred, kernels)
     return out, mean.detach(), var.detach()
 
@@ -936,6 +941,12 @@ def first_layer(
     """The 3x3 conv (stride 1, padding 1) of one-channel `(N, 1, U, U)` maps to `(N, C, U, U)` channels-last ones
     (`supports_first_layer`), its training-mode BN and a ReLU if `activation`: the output and the conv output's batch
     mean and biased variance (no gradient)."""
+    if not supports_first_layer(maps, weight, 1, 1):
+        raise ValueError(
+            f"expected fp32 CPU (N, 1, U, U) maps (U <= 9) and a (C <= 16, 1, 3, 3) fp32 weight, got "
+            f"{tuple(maps.shape)} {maps.dtype} and {tuple(weight.shape)} {weight.dtype}"
+        )
+    _check_per_channel(weight.shape[0], gamma, beta)
     out, mean, var = _FirstLayer.apply(maps, weight, gamma, beta, eps, activation, kernels)
     return out, mean.detach(), var.detach()
 
@@ -952,8 +963,24 @@ def first_two_layers(
     `activations[1]`, as one differentiable function (`supports_first_two_layers`): `first` and `second` hold each
     layer's conv weight, BN weight and BN bias. The first layer's output is recomputed in each pass instead of stored.
     Returns the `(N, C2, V, V)` channels-last output and each conv output's batch mean and biased variance."""
+    if not supports_first_two_layers(maps, first[0], second[0], (1, 2), (1, 1)):
+        raise ValueError(
+            f"expected fp32 CPU (N, 1, U, U) maps (U <= 9), a (C1 <= 16, 1, 3, 3) and a (16, C1, 3, 3) fp32 weight, "
+            f"got {tuple(maps.shape)} {maps.dtype}, {tuple(first[0].shape)} and {tuple(second[0].shape)}"
+        )
+    _check_per_channel(first[0].shape[0], *first[1:])
+    _check_per_channel(second[0].shape[0], *second[1:])
     out, *statistics = _FirstTwoLayers.apply(maps, *first, *second, eps, activations, kernels)
     return out, *(t.detach() for t in statistics)
+
+
+def _check_per_channel(channels: int, *tensors: torch.Tensor) -> None:
+    """The BN weights and biases hold one value per channel (the C code reads that many)."""
+    for tensor in tensors:
+        if tensor.shape != (channels,) or not tensor.is_floating_point():
+            raise ValueError(
+                f"expected {channels} floating-point values per channel, got {tuple(tensor.shape)}"
+            )
 
 
 def training_kernels() -> TrainingKernels | None:
