@@ -377,6 +377,27 @@ def test_extractor_training_step_runs_the_kernels_as_accurately_as_pytorch(
         )
 
 
+def test_extractor_training_under_cpu_autocast_runs_the_first_two_layers_in_fp32(monkeypatch, kernel_calls):
+    """Under bf16 autocast the first two layers run in fp32 (as `forward_planar` runs them there) in the kernels,
+    and the step matches the kernels-off one to bf16 precision."""
+    _kernels_or_skip()
+    torch.manual_seed(0)
+    extractor = StssExtractor(SelfyConfig.from_preset("selfynet-tsm-r18")).train()
+    similarity = torch.rand(1, 2, 3, 3, 5, 9, 9) * 2 - 1
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("SELFY_HF_NATIVE_KERNELS", enabled)
+        model, inputs = copy.deepcopy(extractor), similarity.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model(inputs)
+        results.append(
+            [features.float(), *torch.autograd.grad(features.float().sum(), [inputs, *model.parameters()])]
+        )
+    assert kernel_calls.count("pair_forward") == 1 and kernel_calls.count("pair_backward") == 2
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+
+
 def test_model_training_step_is_the_same_with_and_without_the_kernels(monkeypatch, kernel_calls):
     _kernels_or_skip()
     torch.manual_seed(0)

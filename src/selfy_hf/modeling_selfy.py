@@ -1197,26 +1197,29 @@ class StssExtractor(nn.Module):
         return maps
 
     def _native_first_two_layers(self, maps: torch.Tensor) -> torch.Tensor | None:
-        """Training (batch statistics) in fp32 on CPU: the first two layers through the native kernels
-        (`native_training.first_two_layers`), their BNs' running statistics updated as theirs would be; None where
-        they may not run."""
+        """Training (batch statistics) on CPU: the first two layers through the native kernels
+        (`native_training.first_two_layers`) in fp32, as `forward_planar` runs them under CPU autocast too, their BNs'
+        running statistics updated as theirs would be; None where they may not run."""
         first, second = self.layers[0], self.layers[1]
         if not (first.uses_batch_statistics() and second.uses_batch_statistics()) or not _eager(maps):
             return None
+        if maps.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            maps = maps.float()
         weights = (first.conv.weight.squeeze(2), second.conv.weight.squeeze(2))
         geometry = [(layer.conv.stride[-1], layer.conv.padding[-1]) for layer in (first, second)]
-        if torch.is_autocast_enabled("cpu") or not supports_first_two_layers(maps, *weights, *zip(*geometry)):
+        if not supports_first_two_layers(maps, *weights, *zip(*geometry)):
             return None
         if (kernels := training_kernels()) is None:
             return None
-        out, *statistics = first_two_layers(
-            maps,
-            (weights[0], first.bn.weight, first.bn.bias),
-            (weights[1], second.bn.weight, second.bn.bias),
-            (first.bn.eps, second.bn.eps),
-            (first.activation, second.activation),
-            kernels,
-        )
+        with torch.autocast("cpu", enabled=False):
+            out, *statistics = first_two_layers(
+                maps,
+                (weights[0], first.bn.weight, first.bn.bias),
+                (weights[1], second.bn.weight, second.bn.bias),
+                (first.bn.eps, second.bn.eps),
+                (first.activation, second.activation),
+                kernels,
+            )
         for layer, (mean, var), size in zip((first, second), zip(*[iter(statistics)] * 2), (maps, out)):
             _record_batch_statistics(layer.bn, mean, var, size.shape[0] * size.shape[2] * size.shape[3])
         return out
