@@ -1220,7 +1220,7 @@ class StssExtractor(nn.Module):
                 (first.activation, second.activation),
                 kernels,
             )
-        for layer, (mean, var), size in zip((first, second), zip(*[iter(statistics)] * 2), (maps, out)):
+        for layer, (mean, var), size in zip((first, second), (statistics[:2], statistics[2:]), (maps, out)):
             _record_batch_statistics(layer.bn, mean, var, size.shape[0] * size.shape[2] * size.shape[3])
         return out
 
