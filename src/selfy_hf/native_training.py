@@ -12,10 +12,11 @@ with the second (a 3x3 stride-2 conv to 16 channels, its BN and ReLU), runs vect
 recomputing the first layer's tiny conv in each pass instead of storing its output: the second conv's output is the
 one large tensor it writes, and both convs' gradients come from two backward passes.
 
-Statistics are sums in double: mean, then squares about it, where the input is not already centred. Built and cached
-as `native_extraction` builds its kernel (C with GCC/Clang vector extensions and OpenMP, for any instruction set:
-GCC 12+ or Clang); where it cannot be built the callers run their PyTorch ops. `SELFY_HF_NATIVE_KERNELS=0` turns it
-off.
+Statistics are sums in double: mean, then squares about it, where the input is not already centred (but for the
+second conv's output, summed in the one pass that computes it, where double leaves no cancellation). Built and
+cached as `native_extraction` builds its kernel (C with GCC/Clang vector extensions and OpenMP, for any instruction
+set: GCC 12+ or Clang); where it cannot be built the callers run their PyTorch ops. `SELFY_HF_NATIVE_KERNELS=0`
+turns it off.
 """
 
 from __future__ import annotations
@@ -252,6 +253,47 @@ static vec valid_lanes(int64_t first, int64_t n) {
     return valid;
 }
 
+/* The first layer's outputs for a tile, [position][channel]: its conv output y (NULL: not kept) and its BN + ReLU
+   output z. */
+static void first_outputs(const vec *grid, const float *w, const float *a, const float *shift, const float *b,
+                          int relu, int u, int c, vec *y, vec *z) {
+    for (int i = 0; i < u; i++)
+        for (int j = 0; j < u; j++)
+            for (int ch = 0; ch < c; ch++) {
+                int at = (i * u + j) * c + ch;
+                vec conv = conv_at(grid, u + 2, w + ch * 9, i, j);
+                vec pre = affine(a[ch] + (vec){}, conv, shift[ch] + (vec){}, b[ch] + (vec){});
+                if (y) y[at] = conv;
+                z[at] = masked(pre, keeps(pre, relu));
+            }
+}
+
+/* The first conv's gradients from its output gradient gy at (i, j): its kernel k's tap sums and the padded input
+   grid's gradient `back`. */
+static inline void first_conv_backward_at(const vec *grid, const float *k, int side, int i, int j, vec gy, vec *taps,
+                                          vec *back) {
+    for (int tap = 0; tap < 9; tap++) {
+        int cell = (i + tap / 3) * side + j + tap % 3;
+        taps[tap] += gy * grid[cell];
+        back[cell] += k[tap] * gy;
+    }
+}
+
+/* The maps' gradient: the inner u x u of the padded grid's gradient, stored for the tile's maps. */
+static void store_grid_gradient(const vec *back, int u, int64_t n, int64_t first, vec *inner, float *grad_x) {
+    for (int i = 0; i < u; i++)
+        for (int j = 0; j < u; j++) inner[i * u + j] = back[(i + 1) * (u + 2) + j + 1];
+    store_rows(inner, n, first, u * u, grad_x);
+}
+
+/* out[k] = the sum over threads of partial[t][k], in thread order. */
+static void sum_threads(int threads, int count, double partial[][MAXC * 9], double *out) {
+    for (int k = 0; k < count; k++) {
+        out[k] = 0.0;
+        for (int t = 0; t < threads; t++) out[k] += partial[t][k];
+    }
+}
+
 /* Per channel: the sums of (y - shift) and its square, y the conv's output (shift NULL: zero); or, with a and b given,
    of g' and of g' * (y - shift), g' the channels-last gradient g through the ReLU after a * (y - shift) + b. */
 static void first_sums(const float *x, const float *w, const float *g, const float *a, const float *shift,
@@ -309,18 +351,11 @@ void selfy_first_gradient_moments(const float *x, const float *w, const float *g
 void selfy_first_forward(const float *x, const float *w, const float *a, const float *shift, const float *b, int relu,
                          int64_t n, int u, int c, float *out, int threads) {
     int64_t tiles = (n + LANES - 1) / LANES;
-    int side = u + 2;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t tile = 0; tile < tiles; tile++) {
         vec grid[(MAXU + 2) * (MAXU + 2)], values[MAXU * MAXU * MAXC];
         load_maps(x, n, tile * LANES, u, grid);
-        for (int i = 0; i < u; i++)
-            for (int j = 0; j < u; j++)
-                for (int ch = 0; ch < c; ch++) {
-                    vec y = conv_at(grid, side, w + ch * 9, i, j);
-                    y = affine(a[ch] + (vec){}, y, shift[ch] + (vec){}, b[ch] + (vec){});
-                    values[(i * u + j) * c + ch] = masked(y, keeps(y, relu));
-                }
+        first_outputs(grid, w, a, shift, b, relu, u, c, NULL, values);
         store_rows(values, n, tile * LANES, u * u * c, out);
     }
 }
@@ -355,27 +390,15 @@ void selfy_first_backward(const float *x, const float *w, const float *g, const 
                         vec through = masked(grads[(i * u + j) * c + ch], passes(pre, relu));
                         /* no mask for the maps past n: their zeros take nothing from gy to either gradient */
                         vec gy = a[ch] * through + (c_[ch] + d_[ch] * (y - shift[ch]));
-                        for (int ki = 0; ki < 3; ki++)
-                            for (int kj = 0; kj < 3; kj++) {
-                                sums[ki * 3 + kj] += gy * grid[(i + ki) * side + j + kj];
-                                back[(i + ki) * side + j + kj] += k[ki * 3 + kj] * gy;
-                            }
+                        first_conv_backward_at(grid, k, side, i, j, gy, sums, back);
                     }
                 for (int tap = 0; tap < 9; tap++) weights[ch * 9 + tap] += lane_sum(sums[tap]);
             }
-            if (grad_x) {
-                for (int i = 0; i < u; i++)
-                    for (int j = 0; j < u; j++) inner[i * u + j] = back[(i + 1) * side + j + 1];
-                store_rows(inner, n, tile * LANES, u * u, grad_x);
-            }
+            if (grad_x) store_grid_gradient(back, u, n, tile * LANES, inner, grad_x);
         }
         memcpy(partial[t], weights, sizeof(double) * c * 9);
     }
-    if (grad_w) {
-        for (int j = 0; j < c * 9; j++) grad_w[j] = 0.0;
-        for (int t = 0; t < threads; t++)
-            for (int j = 0; j < c * 9; j++) grad_w[j] += partial[t][j];
-    }
+    if (grad_w) sum_threads(threads, c * 9, partial, grad_w);
 }
 
 /* ---- The first two layers whole: the first as above (c1 channels), then a 3x3 stride-2 conv (padding 1) to c2 = 16
@@ -413,21 +436,6 @@ static pair_scratch pair_scratch_of(const pair_shape *p, vec *scratch, int threa
     s.weights = at, at += taps;
     s.weight_sums = (dvec *)at;
     return s;
-}
-
-/* The first layer for a tile: its conv output y1 and its BN + ReLU output z1, [position][channel]. */
-static void first_outputs(const pair_scratch *s, const float *w1, const float *a1, const float *s1, const float *b1,
-                          int relu, const pair_shape *p) {
-    int side = p->u + 2;
-    for (int i = 0; i < p->u; i++)
-        for (int j = 0; j < p->u; j++)
-            for (int ch = 0; ch < p->c1; ch++) {
-                int at = (i * p->u + j) * p->c1 + ch;
-                vec y = conv_at(s->grid, side, w1 + ch * 9, i, j);
-                vec pre = affine(a1[ch] + (vec){}, y, s1[ch] + (vec){}, b1[ch] + (vec){});
-                s->y1[at] = y;
-                s->z1[at] = masked(pre, keeps(pre, relu));
-            }
 }
 
 /* The input position a second-layer output (i, j) reads at tap (ky, kx), or -1 on the padding. */
@@ -493,7 +501,7 @@ void selfy_pair_forward(const float *x, const float *w1, const float *a1, const 
         split(tiles, threads, t, &begin, &end);
         for (int64_t tile = begin; tile < end; tile++) {
             load_maps(x, n, tile * LANES, u, s.grid);
-            first_outputs(&s, w1, a1, s1, b1, relu1, &p);
+            first_outputs(s.grid, w1, a1, s1, b1, relu1, u, c1, NULL, s.z1);
             second_conv(s.z1, w2, &p, s.y2);
             vec valid = valid_lanes(tile * LANES, n);  /* maps past n: zeros, but not after the first BN */
             for (int co = 0; co < c2; co++) {
@@ -539,7 +547,7 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
         split(tiles, threads, t, &begin, &end);
         for (int64_t tile = begin; tile < end; tile++) {
             load_maps(x, n, tile * LANES, u, s.grid);
-            first_outputs(&s, w1, a1, s1, b1, relu1, &p);
+            first_outputs(s.grid, w1, a1, s1, b1, relu1, u, c1, s.y1, s.z1);
             load_rows(y2, n, tile * LANES, second, s.y2);
             load_rows(gz2, n, tile * LANES, second, s.g2);
             vec valid = valid_lanes(tile * LANES, n);  /* no gradient from the maps past n */
@@ -570,21 +578,13 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
                             continue;
                         }
                         vec gy = a1[ch] * through + (c1_[ch] + d1_[ch] * centred);
-                        for (int tap = 0; tap < 9; tap++) {
-                            int cell = (i + tap / 3) * side + j + tap % 3;
-                            taps[tap] += gy * s.grid[cell];
-                            s.back[cell] += w1[ch * 9 + tap] * gy;
-                        }
+                        first_conv_backward_at(s.grid, w1 + ch * 9, side, i, j, gy, taps, s.back);
                     }
                 sum[ch] += lane_sum(vs);
                 product[ch] += lane_sum(vq);
                 for (int tap = 0; tap < 9; tap++) weights1[ch * 9 + tap] += lane_sum(taps[tap]);
             }
-            if (!first_pass && grad_x) {
-                for (int i = 0; i < u; i++)
-                    for (int j = 0; j < u; j++) s.gz1[i * u + j] = s.back[(i + 1) * side + j + 1];
-                store_rows(s.gz1, n, tile * LANES, u * u, grad_x);
-            }
+            if (!first_pass && grad_x) store_grid_gradient(s.back, u, n, tile * LANES, s.gz1, grad_x);
         }
         memcpy(partial[t][0], sum, sizeof(double) * c1);
         memcpy(partial[t][1], product, sizeof(double) * c1);
@@ -599,10 +599,7 @@ void selfy_pair_backward(const float *x, const float *w1, const float *a1, const
                 for (int m = 0; m < LANES / 2; m++) grad_w2[k] += weight_sums[2 * k][m] + weight_sums[2 * k + 1][m];
         }
     } else if (grad_w1) {
-        for (int k = 0; k < c1 * 9; k++) {
-            grad_w1[k] = 0.0;
-            for (int t = 0; t < threads; t++) grad_w1[k] += partial_w1[t][k];
-        }
+        sum_threads(threads, c1 * 9, partial_w1, grad_w1);
     }
 }
 """
@@ -738,6 +735,40 @@ def _gradient_terms(sums, products, mean, invstd, scale, shift, count):
     return grad_gamma, sums, c, d
 
 
+def _row_affine(kernels, rows, scale, shift, offset, activation):
+    """The BN (+ ReLU) `scale * (rows - shift) + offset` over `(M, C)` rows; the output and the tiled `scale`, `shift`
+    and `offset` the backward reads."""
+    width = row_width(rows.shape[1])
+    a, shift, b = (_tiled(v, width) for v in (scale, shift, offset))
+    out = torch.empty_like(rows)
+    kernels.call("row_affine", rows, out, a, shift, b, int(activation), rows.numel(), width)
+    return out, a, shift, b
+
+
+def _row_gradient_terms(kernels, rows, grad, a, shift, b, activation, mean, invstd, scale):
+    """`_gradient_terms` of a rows BN (+ ReLU) from one pass over its input and output gradient."""
+    count, channels = rows.shape
+    width = a.shape[0]
+    sums, products = (rows.new_empty(width, dtype=torch.float64) for _ in range(2))
+    kernels.call(
+        "row_gradient_moments", rows, grad, a, shift, b, int(activation), rows.numel(), width, sums, products
+    )
+    sums, products = _per_channel(sums, channels), _per_channel(products, channels)
+    return _gradient_terms(sums, products, mean, invstd, scale, shift[:channels], count)
+
+
+def _first_layer_normalization(kernels, maps, weight, gamma, beta, eps):
+    """`_normalization` of the first layer's conv output, from two passes over the maps: its mean, then its squares
+    about it."""
+    count, side, channels = maps.shape[0], maps.shape[-1], weight.shape[0]
+    positions = count * side * side
+    sums, squares = (maps.new_empty(channels, dtype=torch.float64) for _ in range(2))
+    kernels.call("first_moments", maps, weight, None, count, side, channels, sums, squares)
+    shift = (sums / positions).float()
+    kernels.call("first_moments", maps, weight, shift, count, side, channels, sums, squares)
+    return _normalization(sums, squares, positions, shift, gamma, beta, eps)
+
+
 class _RowBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, eps, activation, centred, kernels):
@@ -754,9 +785,7 @@ class _RowBatchNorm(torch.autograd.Function):
         mean, var, invstd, scale, shift, offset = _normalization(
             sums, squares, count, first_shift, weight, bias, eps
         )
-        a, shift, b = (_tiled(v, width) for v in (scale, shift, offset))
-        out = torch.empty_like(rows)
-        kernels.call("row_affine", rows, out, a, shift, b, int(activation), numel, width)
+        out, a, shift, b = _row_affine(kernels, rows, scale, shift, offset, activation)
         ctx.save_for_backward(rows, a, shift, b, mean, invstd, scale)
         ctx.activation, ctx.kernels = activation, kernels
         return out, mean.float(), var.float()
@@ -765,21 +794,17 @@ class _RowBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_mean, _grad_var):
         rows, a, shift, b, mean, invstd, scale = ctx.saved_tensors
-        count, channels = rows.shape
-        width, numel, relu = a.shape[0], rows.numel(), int(ctx.activation)
+        width, relu = a.shape[0], int(ctx.activation)
         grad = grad.contiguous().float()
-        sums, products = (rows.new_empty(width, dtype=torch.float64) for _ in range(2))
-        ctx.kernels.call("row_gradient_moments", rows, grad, a, shift, b, relu, numel, width, sums, products)
-        sums, products = _per_channel(sums, channels), _per_channel(products, channels)
-        grad_gamma, grad_beta, c, d = _gradient_terms(
-            sums, products, mean, invstd, scale, shift[:channels], count
+        grad_gamma, grad_beta, c, d = _row_gradient_terms(
+            ctx.kernels, rows, grad, a, shift, b, relu, mean, invstd, scale
         )
         grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_rows = torch.empty_like(rows)
             c, d = _tiled(c, width), _tiled(d, width)
             ctx.kernels.call(
-                "row_affine_gradient", rows, grad, grad_rows, a, shift, b, c, d, relu, numel, width
+                "row_affine_gradient", rows, grad, grad_rows, a, shift, b, c, d, relu, rows.numel(), width
             )
         return grad_rows, grad_gamma.float(), grad_beta.float(), None, None, None, None
 
@@ -791,12 +816,7 @@ class _FirstTwoLayers(torch.autograd.Function):
         out_side, relu1, relu2 = (side - 1) // 2 + 1, int(activations[0]), int(activations[1])
         maps, w1 = maps.contiguous(), w1.reshape(c1, 9).contiguous()
         w2 = w2.permute(2, 3, 1, 0).contiguous()  # [ky][kx][c1][c2]
-        first_positions, second_positions = count * side * side, count * out_side * out_side
-        sums, squares = (maps.new_empty(c1, dtype=torch.float64) for _ in range(2))
-        kernels.call("first_moments", maps, w1, None, count, side, c1, sums, squares)
-        first_shift = (sums / first_positions).float()
-        kernels.call("first_moments", maps, w1, first_shift, count, side, c1, sums, squares)
-        first = _normalization(sums, squares, first_positions, first_shift, gamma1, beta1, eps[0])
+        first = _first_layer_normalization(kernels, maps, w1, gamma1, beta1, eps[0])
         a1, s1, b1 = first[3].float(), first[4], first[5].float()
         y2 = maps.new_empty(count, out_side, out_side, c2)
         sums, squares = (maps.new_empty(c2, dtype=torch.float64) for _ in range(2))
@@ -804,17 +824,14 @@ class _FirstTwoLayers(torch.autograd.Function):
         scratch = kernels.pair_scratch(side, c1, c2, threads)
         pair = (maps, w1, a1, s1, b1, relu1, w2, count, side, c1, c2)
         kernels.call("pair_forward", *pair, y2, sums, squares, scratch, threads=threads)
-        second = _normalization(sums, squares, second_positions, None, gamma2, beta2, eps[1])
-        width = row_width(c2)
-        a2, s2, b2 = (_tiled(v, width) for v in second[3:])
-        z2 = torch.empty_like(y2)
-        kernels.call("row_affine", y2, z2, a2, s2, b2, relu2, y2.numel(), width)
-        ctx.save_for_backward(
-            maps, w1, a1, s1, b1, w2, y2, a2, s2, b2, *first[:4:2], first[3], *second[:4:2], second[3]
-        )
+        # One pass: in double, the squares' sum leaves no cancellation at these conv outputs' scales.
+        second = _normalization(sums, squares, count * out_side * out_side, None, gamma2, beta2, eps[1])
+        z2, a2, s2, b2 = _row_affine(kernels, y2.view(-1, c2), *second[3:], relu2)
+        mean_invstd_scale = (first[0], first[2], first[3], second[0], second[2], second[3])
+        ctx.save_for_backward(maps, w1, a1, s1, b1, w2, y2, a2, s2, b2, *mean_invstd_scale)
         ctx.activations, ctx.kernels = (relu1, relu2), kernels
         statistics = [t.float() for t in (first[0], first[1], second[0], second[1])]
-        return z2.permute(0, 3, 1, 2), *statistics
+        return z2.view_as(y2).permute(0, 3, 1, 2), *statistics
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -824,13 +841,11 @@ class _FirstTwoLayers(torch.autograd.Function):
         )
         relu1, relu2 = ctx.activations
         count, side, c1, c2 = maps.shape[0], maps.shape[-1], w1.shape[0], w2.shape[-1]
-        width, kernels = a2.shape[0], ctx.kernels
+        kernels = ctx.kernels
         grad = grad.permute(0, 2, 3, 1).contiguous().float()  # channels-last, as y2
-        # The second BN's gradient sums over its rows, then its input gradient's terms.
-        sums, products = (maps.new_empty(width, dtype=torch.float64) for _ in range(2))
-        kernels.call("row_gradient_moments", y2, grad, a2, s2, b2, relu2, y2.numel(), width, sums, products)
-        sums, products = _per_channel(sums, c2), _per_channel(products, c2)
-        second = _gradient_terms(sums, products, mean2, invstd2, scale2, s2[:c2], y2.numel() // c2)
+        second = _row_gradient_terms(
+            kernels, y2.view(-1, c2), grad, a2, s2, b2, relu2, mean2, invstd2, scale2
+        )
         inputs = (maps, w1, a1, s1, b1, relu1, w2, y2, grad, a2[:c2], s2[:c2], b2[:c2])
         inputs += (second[2].float(), second[3].float(), relu2)
         geometry, threads = (count, side, c1, c2), kernel_threads()
@@ -857,13 +872,9 @@ class _FirstLayer(torch.autograd.Function):
     def forward(ctx, maps, weight, gamma, beta, eps, activation, kernels):
         count, side, channels = maps.shape[0], maps.shape[-1], weight.shape[0]
         maps, weight = maps.contiguous(), weight.reshape(channels, 9).contiguous()
-        geometry, positions = (count, side, channels), count * side * side
-        sums, squares = (maps.new_empty(channels, dtype=torch.float64) for _ in range(2))
-        kernels.call("first_moments", maps, weight, None, *geometry, sums, squares)
-        first_shift = (sums / positions).float()  # then the squares about the mean: no cancellation
-        kernels.call("first_moments", maps, weight, first_shift, *geometry, sums, squares)
-        mean, var, invstd, scale, shift, offset = _normalization(
-            sums, squares, positions, first_shift, gamma, beta, eps
+        geometry = (count, side, channels)
+        mean, var, invstd, scale, shift, offset = _first_layer_normalization(
+            kernels, maps, weight, gamma, beta, eps
         )
         a, b = scale.float(), offset.float()
         out = maps.new_empty(count, side, side, channels)
