@@ -39,6 +39,7 @@ from selfy_hf.benchmarking import (
 from selfy_hf.configuration_selfy import SelfyConfig
 from selfy_hf.native_extraction import extraction_kernel
 from selfy_hf.native_training import training_kernels
+from selfy_hf.native_winograd import winograd_kernel
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         is not None
     )
     native_training = training_kernels() is not None
+    native_winograd = winograd_kernel() is not None
     retained = args.allocator == "retain" and retain_freed_memory()
     models = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.image_size}px, "
         f"batch sizes {args.batch_sizes}, median of {iters} after {warmup} warm-up, "
         f"allocator {'retaining freed memory' if retained else 'default'}, "
-        f"native extraction kernel {'on' if native else 'off'}, training kernels {'on' if native_training else 'off'}\n"
+        f"native extraction kernel {'on' if native else 'off'}, Winograd convs {'on' if native_winograd else 'off'}, "
+        f"training kernels {'on' if native_training else 'off'}\n"
     )
     peaks = None if args.no_peaks else measure_peaks(device, amp_dtype)
     rows = benchmark_models(
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "allocator": "retain" if retained else "default",
             "native_extraction_kernel": native,
             "native_training_kernels": native_training,
+            "native_winograd_kernel": native_winograd,
             "peaks_gflops": peaks,
             "rows": [row.as_dict() for row in rows],
             "ratios": selfy_baseline_ratios(rows),

@@ -282,11 +282,12 @@ def test_benchmark_script_prints_tables_and_json(tmp_path, capsys, monkeypatch):
     ]
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "native extraction kernel off, training kernels off" in printed
+    assert "native extraction kernel off, Winograd convs off, training kernels off" in printed
     assert "| selfynet-tiny | 1 |" in printed and "| selfynet-tiny | tsm-tiny | eager | 1 |" in printed
     assert "| source | video | mode | clips/s | ms/clip | tsm-tiny | selfynet-tiny |" in printed
     report = json.loads(output.read_text())
-    assert report["native_extraction_kernel"] is False and report["native_training_kernels"] is False
+    kernels = ["native_extraction_kernel", "native_winograd_kernel", "native_training_kernels"]
+    assert [report[name] for name in kernels] == [False, False, False]
     assert len(report["rows"]) == 4 and len(report["ratios"]) == 2
     assert [(row["source"], row["mode"]) for row in report["data"]] == [
         ("motion", "train"),

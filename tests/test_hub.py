@@ -36,6 +36,7 @@ CODE_FILES = [
     "modeling_selfy.py",
     "native_extraction.py",
     "native_training.py",
+    "native_winograd.py",
     "stss.py",
     "video_io.py",
     "video_processing_selfy.py",

@@ -11,10 +11,18 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForVideoClassification
 
-from selfy_hf import SelfyConfig, SelfyForVideoClassification, SelfyModel, modeling_selfy, native_extraction
+from selfy_hf import (
+    SelfyConfig,
+    SelfyForVideoClassification,
+    SelfyModel,
+    modeling_selfy,
+    native_extraction,
+    native_winograd,
+)
 from selfy_hf import stss as stss_module
 from selfy_hf.flops import count_complexity
 from selfy_hf.modeling_selfy import StssExtractor, StssIntegrator, _SmallMapConv2d, temporal_shift
+from selfy_hf.native_winograd import WinogradKernel
 from selfy_hf.training import enable_activation_checkpointing
 
 TINY = {"num_labels": 5}
@@ -221,10 +229,11 @@ def test_training_integrator_takes_the_in_place_projection(monkeypatch):
 
 
 def _count_inference_fast_paths(monkeypatch) -> dict[str, int]:
-    calls = {"onednn": 0, "grouped": 0, "projection": 0}
+    calls = {"onednn": 0, "grouped": 0, "winograd": 0, "projection": 0}
     for cls, name, key in [
         (modeling_selfy.SelfyConvNormAct, "forward_planar_onednn", "onednn"),
-        (modeling_selfy.SelfyConvNormAct, "forward_grouped_onednn", "grouped"),
+        (modeling_selfy.SelfyConvNormAct, "forward_grouped_inference", "grouped"),
+        (WinogradKernel, "__call__", "winograd"),
         (modeling_selfy.StssIntegrator, "_add_upsampled_projection", "projection"),
     ]:
         original = getattr(cls, name)
@@ -251,7 +260,7 @@ def _r18_with_random_statistics(**overrides) -> SelfyForVideoClassification:
 def test_inference_fast_paths_compute_the_official_ops(size, native, monkeypatch):
     """Under `torch.no_grad` an eval-mode model folds BNs into convs, runs the similarities and the extraction in
     the native kernel (`native`) or the extraction through oneDNN's fused ops in its blocked layout, the
-    integration as channels-last grouped convs, and adds the upsampling projection to the input in place. The
+    integration as channels-last grouped convs (in the native Winograd kernel with `native`), and adds the upsampling projection to the input in place. The
     logits must be those of the official ops, computed in float64 with autograd on (which turns every
     inference-only path off)."""
     if native and native_extraction.extraction_kernel(9, (4, 16, 64, 64), 128) is None:
@@ -264,7 +273,9 @@ def test_inference_fast_paths_compute_the_official_ops(size, native, monkeypatch
         logits = model(pixel_values).logits
     onednn = torch.backends.mkldnn.is_available()
     extraction = 0 if native or not onednn else 4
-    assert calls == {"onednn": extraction, "grouped": 4 if onednn else 0, "projection": 1}
+    grouped = 4 if onednn else 0
+    winograd = grouped if native and native_winograd.winograd_kernel() is not None else 0
+    assert calls == {"onednn": extraction, "grouped": grouped, "winograd": winograd, "projection": 1}
     expected = copy.deepcopy(model).double()(pixel_values.double()).logits
     assert calls["projection"] == 1, "autograd on must turn the inference-only paths off"
     torch.testing.assert_close(logits.double(), expected.detach(), rtol=1e-4, atol=1e-5)
