@@ -73,6 +73,17 @@ def test_kernel_is_the_grouped_conv(maps, stacks, cin, cout, height, width, relu
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * scale)
 
 
+def test_nan_passes_through_the_relu():
+    kernel = _kernel_or_skip()
+    x = torch.randn(2, 16, 6, 6)
+    x[1, 3, 2, 4] = float("nan")
+    weight, bias = torch.randn(16, 16, 3, 3), torch.randn(16)
+    out = kernel(x.contiguous(memory_format=torch.channels_last), kernel.weights(weight, bias))
+    expected = F.relu(F.conv2d(x, weight, bias, padding=1))
+    assert expected.isnan().any() and not out[expected.isnan()].isfinite().any()
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
 def test_weights_are_the_winograd_transform():
     """G g G^T of each 3x3 kernel, laid out [position][input channel][output channel]."""
     weight = torch.randn(32, 16, 3, 3, dtype=torch.float64)

@@ -51,7 +51,8 @@ typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
 
 static inline vec load(const float *p) { return *(const uvec *)p; }
 static inline void store(float *p, vec v) { *(uvec *)p = v; }
-static inline vec relu(vec x) { return (vec)((ivec)x & (x > (vec){0})); }
+/* NaN passes on, as through PyTorch's and oneDNN's ReLU. */
+static inline vec relu(vec x) { return (vec)((ivec)x & ((x > (vec){0}) | (x != x))); }
 
 typedef struct { int64_t maps; int height, width, stacks, cin, cout, relu; } geometry;
 
