@@ -392,11 +392,12 @@ class SelfyConvNormAct(nn.Module):
         return self._onednn(x, weight, bias, conv.stride[1:], conv.padding[1:], groups)
 
     def _winograd_kernel(self, x: torch.Tensor) -> WinogradKernel | None:
-        """The Winograd kernel where it computes this conv over `x`: fp32, 3x3, stride 1, padding 1, channels in
+        """The Winograd kernel where it computes this conv over `x`: fp32 on CPU, 3x3, stride 1, padding 1, channels in
         whole vectors."""
         conv = self.conv
         if not (
             x.dtype == torch.float32
+            and x.device.type == "cpu"
             and conv.kernel_size[1:] == (3, 3)
             and conv.stride[1:] == (1, 1)
             and conv.padding[1:] == (1, 1)

@@ -201,9 +201,11 @@ class WinogradKernel:
                 f"expected a (C_out, C_in, 3, 3) weight and C_out biases, got {tuple(weight.shape)} "
                 f"and {tuple(bias.shape)}"
             )
+        cout, cin = weight.shape[:2]
+        # G g G^T of every kernel at once: its 9 taps times kron(G, G)^T, one (C_out*C_in, 9) x (9, 16) product.
         transform = torch.tensor(_WEIGHT_TRANSFORM, dtype=torch.float64, device=weight.device)
-        transformed = transform @ weight.detach().double() @ transform.T  # (C_out, C_in, 4, 4)
-        transformed = transformed.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0])
+        taps = weight.detach().reshape(cout * cin, 9).double()
+        transformed = (taps @ torch.kron(transform, transform).T).T.reshape(16, cout, cin).transpose(1, 2)
         return transformed.float().contiguous(), bias.detach().float().contiguous()
 
     def __call__(
