@@ -16,9 +16,11 @@ from selfy_hf.native_training import (
     first_two_layers,
     row_batch_norm,
     row_width,
+    stride_two_conv,
     supports_first_layer,
     supports_first_two_layers,
     supports_rows,
+    supports_stride_two_conv,
     training_kernels,
 )
 
@@ -297,6 +299,62 @@ def test_kernels_reject_what_they_do_not_take():
         )
 
 
+# the third layer's conv, forward and both gradients
+STRIDE_TWO = {"s2_forward": 1, "s2_input_gradient": 1, "s2_weight_gradient": 1}
+
+
+@pytest.mark.parametrize(
+    "count, in_channels, side, out_channels",
+    [
+        (37, 16, 5, 64),  # the R18 extraction's third layer; blocks of windows left over
+        (5, 16, 3, 32),  # fewer windows than a register block; two vectors of outputs
+        (13, 32, 4, 16),  # an even side; one vector of outputs
+        (7, 16, 9, 48),  # three vectors of outputs, more taps inside the map
+        (3, 16, 1, 16),  # a 1x1 map: the centre tap alone
+    ],
+)
+def test_stride_two_conv_is_the_conv(count, in_channels, side, out_channels):
+    """Output, input, weight and bias gradients of the 3x3 stride-2 conv against float64, at 1 and 2 threads."""
+    kernels = _kernels_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(count, in_channels, side, side).contiguous(memory_format=torch.channels_last)
+    weight, bias = (
+        torch.randn(out_channels, in_channels, 3, 3) / (3 * in_channels**0.5),
+        torch.randn(out_channels),
+    )
+    inputs = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = F.conv2d(*inputs, stride=2, padding=1)
+    upstream = torch.randn_like(expected)
+    exact = [expected, *torch.autograd.grad(expected, inputs, upstream)]
+    for threads in (1, 2):
+        ours = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        with _threads(threads):
+            out = stride_two_conv(*ours, 2, 1, kernels)
+            grads = torch.autograd.grad(out, ours, upstream.float())
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        for name, mine, reference in zip(["output", "input", "weight", "bias"], [out, *grads], exact):
+            _assert_close_to_exact(f"{name} at {threads} threads", mine, reference.detach(), 2e-6)
+
+
+def test_stride_two_conv_takes_and_rejects():
+    kernels = _kernels_or_skip()
+    maps, weight = (
+        torch.zeros(2, 16, 5, 5).contiguous(memory_format=torch.channels_last),
+        torch.zeros(64, 16, 3, 3),
+    )
+    assert supports_stride_two_conv(maps, weight, 2, 1)
+    assert not supports_stride_two_conv(maps, weight, 1, 1)
+    assert not supports_stride_two_conv(maps.contiguous(), weight, 2, 1)  # NCHW
+    assert not supports_stride_two_conv(maps.double(), weight.double(), 2, 1)
+    assert not supports_stride_two_conv(torch.zeros(2, 8, 5, 5), torch.zeros(64, 8, 3, 3), 2, 1)
+    assert not supports_stride_two_conv(maps, torch.zeros(24, 16, 3, 3), 2, 1)
+    assert not supports_stride_two_conv(maps, torch.zeros(64, 16, 5, 5), 2, 1)
+    with pytest.raises(ValueError, match="stride 2, padding 1"):
+        stride_two_conv(maps, weight, None, 2, 0, kernels)
+    with pytest.raises(ValueError, match="per channel"):
+        stride_two_conv(maps, weight, torch.zeros(16), 2, 1, kernels)
+
+
 def _official_training_step(
     extractor: StssExtractor, similarity: torch.Tensor, upstream: torch.Tensor
 ) -> list:
@@ -320,14 +378,15 @@ def _official_training_step(
         (
             9,
             (4, 16, 64, 64),
-            {"pair_forward": 1, "pair_backward": 2, "row_affine": 3, "row_affine_gradient": 2},
+            {"pair_forward": 1, "pair_backward": 2, "row_affine": 3, "row_affine_gradient": 2, **STRIDE_TWO},
         ),
         (
             5,
             (4, 16, 64, 64),
-            {"pair_forward": 1, "pair_backward": 2, "row_affine": 3, "row_affine_gradient": 2},
+            {"pair_forward": 1, "pair_backward": 2, "row_affine": 3, "row_affine_gradient": 2, **STRIDE_TWO},
         ),
-        # a second layer of 32 channels: the first layer alone, then three rows batch norms
+        # a second layer of 32 channels: the first layer alone, then three rows batch norms (the third layer's 32
+        # input channels take PyTorch's conv)
         (
             9,
             (8, 32, 64, 64),
@@ -338,8 +397,8 @@ def _official_training_step(
 def test_extractor_training_step_runs_the_kernels_as_accurately_as_pytorch(
     window, channels, calls, monkeypatch, kernel_calls
 ):
-    """A float32 training step of the conv extraction runs its first layers and its rows batch norms in the kernels,
-    and its features, gradients and running statistics are as close to the official float64 stack as the PyTorch
+    """A float32 training step of the conv extraction runs its first layers, its third layer's stride-2 conv and its
+    rows batch norms in the kernels, and its features, gradients and running statistics are as close to the official float64 stack as the PyTorch
     ops' (kernels off)."""
     _kernels_or_skip()
     torch.manual_seed(0)

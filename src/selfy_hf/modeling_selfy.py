@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -21,9 +22,11 @@ from .native_training import (
     first_layer,
     first_two_layers,
     row_batch_norm,
+    stride_two_conv,
     supports_first_layer,
     supports_first_two_layers,
     supports_rows,
+    supports_stride_two_conv,
     training_kernels,
 )
 from .native_winograd import WinogradKernel, supports_channels, winograd_kernel
@@ -341,7 +344,14 @@ class SelfyConvNormAct(nn.Module):
         pass for the mean and the one subtracting it (two of its passes over the 4 -> 16 and 16 -> 64 convs' 12-18
         million outputs per 4 clips). fp32/fp64 only: a bias rounded to half precision would leave the output's mean
         off zero. Channels-last out."""
-        centred, mean = self._centred_conv(x, weight, _SmallMapConv2d.apply)
+        conv = _SmallMapConv2d.apply
+        stride, padding = self.conv.stride[-1], self.conv.padding[-1]
+        if (
+            supports_stride_two_conv(x, weight, stride, padding)
+            and (kernels := training_kernels()) is not None
+        ):
+            conv = functools.partial(stride_two_conv, kernels=kernels)
+        centred, mean = self._centred_conv(x, weight, conv)
         return self._normalize_planar(centred, mean)
 
     def _centred_conv(
