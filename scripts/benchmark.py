@@ -106,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the native kernels: the extraction kernel for CPU inference and the training kernels (default: on "
-        "where they build; --no-native runs the PyTorch/oneDNN ops, as SELFY_HF_NATIVE_KERNELS=0 does)",
+        help="the native kernels: the extraction kernel and the Winograd convs for CPU inference, the training "
+        "kernels (default: on where they build; --no-native runs the PyTorch/oneDNN ops, as "
+        "SELFY_HF_NATIVE_KERNELS=0 does)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="per-module time of the SELFY blocks (CPU, eager)"

@@ -465,19 +465,37 @@ def extraction_kernel(
         return None
     if hidden is not None and (hidden <= 0 or hidden % _LANES):
         hidden = None
-    return _load(window, tuple(channels), hidden, kernel_cache_dir(), os.environ.get("CC", "cc"))
+    library = load_library("extraction", _SOURCE, _geometry_flags(window, tuple(channels), hidden))
+    return None if library is None else _kernel(library, window, tuple(channels), hidden)
 
 
 @functools.cache
-def _load(
-    window: int, channels: tuple[int, ...], hidden: int | None, cache: Path, compiler: str
-) -> ExtractionKernel | None:
+def _kernel(
+    library: ctypes.CDLL, window: int, channels: tuple[int, ...], hidden: int | None
+) -> ExtractionKernel:
+    return ExtractionKernel(library, window, channels, hidden)
+
+
+def load_library(name: str, source: str, flags: Sequence[str]) -> ctypes.CDLL | None:
+    """The library `compile_library` builds from `source` with `flags` in `kernel_cache_dir()` with `$CC` (else
+    `cc`), built or loaded once per process; None where the native kernels are turned off or it cannot be built or
+    loaded (logged at INFO with the reason: the callers then run their PyTorch/oneDNN ops)."""
+    if not native_kernels_enabled():
+        return None
+    return _library(name, source, tuple(flags), kernel_cache_dir(), os.environ.get("CC", "cc"))
+
+
+@functools.cache
+def _library(
+    name: str, source: str, flags: tuple[str, ...], cache: Path, compiler: str
+) -> ctypes.CDLL | None:
     try:
-        path = _build(window, channels, hidden, cache, compiler)
-        return ExtractionKernel(ctypes.CDLL(str(path)), window, channels, hidden)
+        return ctypes.CDLL(str(compile_library(name, source, list(flags), cache, compiler)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as error:
         logger.info(
-            "selfy_hf: the native extraction kernel is unavailable (%s); the PyTorch ops run instead", error
+            "selfy_hf: the native %s kernels are unavailable (%s); the PyTorch/oneDNN ops run instead",
+            name,
+            error,
         )
         return None
 
@@ -496,16 +514,28 @@ def _cache_dir(override: str | None, xdg_cache: str | None, home: str | None) ->
     # took ~0.15 ms per lookup, ~0.7 ms per SELFY block's inference), and one Path object keeps its hash.
     if override is not None:
         return Path(override)
-    return Path(xdg_cache if xdg_cache is not None else Path.home() / ".cache") / "selfy_hf" / "kernels"
+    base = (
+        Path(xdg_cache)
+        if xdg_cache is not None
+        else Path(home) / ".cache"
+        if home
+        else Path.home() / ".cache"
+    )
+    return base / "selfy_hf" / "kernels"
 
 
 def _build(window: int, channels: tuple[int, ...], hidden: int | None, cache: Path, compiler: str) -> Path:
     """Compile the kernel for this geometry and CPU into `cache`; an existing build is reused."""
+    return compile_library("extraction", _SOURCE, _geometry_flags(window, channels, hidden), cache, compiler)
+
+
+def _geometry_flags(window: int, channels: tuple[int, ...], hidden: int | None) -> list[str]:
+    """The C code's geometry: the maps' sides, the layers' widths, the correlation's channels."""
     sizes = dict(zip(("WIN", "W2", "W3"), _map_sizes(window)))
     sizes.update({f"C{i + 1}": width for i, width in enumerate(channels)})
     if hidden is not None:
         sizes["CH"] = hidden
-    return compile_library("extraction", _SOURCE, [f"-D{k}={v}" for k, v in sizes.items()], cache, compiler)
+    return [f"-D{k}={v}" for k, v in sizes.items()]
 
 
 def compile_library(name: str, source: str, flags: list[str], cache: Path, compiler: str) -> Path:
@@ -553,6 +583,7 @@ __all__ = [
     "extraction_kernel",
     "kernel_cache_dir",
     "kernel_threads",
+    "load_library",
     "native_kernels_enabled",
     "supports_geometry",
 ]

@@ -26,15 +26,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 
 import torch
 
-from .native_extraction import compile_library, kernel_cache_dir, kernel_threads, native_kernels_enabled
-
-logger = logging.getLogger(__name__)
+from .native_extraction import kernel_threads, load_library
 
 _LANES = 16
 _MAX_WIDTH = 256  # values per block of rows (the C code's MAXW)
@@ -196,16 +191,21 @@ void selfy_row_affine_gradient(const float *x, const float *g, float *dx, const 
 #define WCHANNELS 4  /* input channels per register block of the weight gradient */
 #define WCHUNK 64    /* windows per block of the weight gradient (its operands in L2) */
 
+/* The input position tap k (ky * 3 + kx) reads at output position p, -1 on the padding. */
+static inline int s2_input(int s, int t, int p, int k) {
+    int y = 2 * (p / t) - 1 + k / 3, x = 2 * (p % t) - 1 + k % 3;
+    return y < 0 || y >= s || x < 0 || x >= s ? -1 : y * s + x;
+}
+
 /* The taps inside the map at output position p: kernel index and input position. */
 static int s2_taps(int s, int t, int p, int *tap, int *in) {
-    int i = p / t, j = p % t, n = 0;
-    for (int ky = 0; ky < 3; ky++)
-        for (int kx = 0; kx < 3; kx++) {
-            int y = 2 * i - 1 + ky, x = 2 * j - 1 + kx;
-            if (y < 0 || y >= s || x < 0 || x >= s) continue;
-            tap[n] = ky * 3 + kx;
-            in[n++] = y * s + x;
-        }
+    int n = 0;
+    for (int k = 0; k < 9; k++) {
+        int at = s2_input(s, t, p, k);
+        if (at < 0) continue;
+        tap[n] = k;
+        in[n++] = at;
+    }
     return n;
 }
 
@@ -316,10 +316,10 @@ void CONTRACTED selfy_s2_input_gradient(const float *g, const float *wt, float *
                             for (int c = 0; c < WCHANNELS; c++)                                                     \
                                 for (int q = 0; q < VECS; q++) acc[c][q] = LOAD(out + c * co + q * LANES);          \
                             for (int p = 0; p < t * t; p++) {                                                       \
-                                const int y = 2 * (p / t) - 1 + k / 3, x0 = 2 * (p % t) - 1 + k % 3;                \
-                                if (y < 0 || y >= s || x0 < 0 || x0 >= s) continue;                                 \
+                                const int at = s2_input(s, t, p, k);                                                \
+                                if (at < 0) continue;                                                               \
                                 const float *gv = g + first * gs + p * co + o;                                      \
-                                const float *xv = x + first * xs + (y * s + x0) * ci + c0;                          \
+                                const float *xv = x + first * xs + at * ci + c0;                                    \
                                 for (int64_t w = first; w < last; w++, gv += gs, xv += xs) {                        \
                                     vec gq[VECS];                                                                   \
                                     for (int q = 0; q < VECS; q++) gq[q] = LOAD(gv + q * LANES);                    \
@@ -1247,21 +1247,13 @@ def _check_per_channel(channels: int, *tensors: torch.Tensor) -> None:
 
 def training_kernels() -> TrainingKernels | None:
     """The training kernels, built or loaded once per process; None where turned off or they cannot be built."""
-    if not native_kernels_enabled():
-        return None
-    return _load(kernel_cache_dir(), os.environ.get("CC", "cc"))
+    library = load_library("training", _SOURCE, ["-ffp-contract=off"])
+    return None if library is None else _kernels(library)
 
 
 @functools.cache
-def _load(cache, compiler: str) -> TrainingKernels | None:
-    try:
-        path = compile_library("training", _SOURCE, ["-ffp-contract=off"], cache, compiler)
-        return TrainingKernels(ctypes.CDLL(str(path)))
-    except (OSError, subprocess.SubprocessError, RuntimeError, AttributeError) as error:
-        logger.info(
-            "selfy_hf: the native training kernels are unavailable (%s); the PyTorch ops run instead", error
-        )
-        return None
+def _kernels(library: ctypes.CDLL) -> TrainingKernels:
+    return TrainingKernels(library)
 
 
 __all__ = [

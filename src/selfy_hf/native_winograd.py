@@ -20,15 +20,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 
 import torch
 
-from .native_extraction import compile_library, kernel_cache_dir, kernel_threads, native_kernels_enabled
-
-logger = logging.getLogger(__name__)
+from .native_extraction import kernel_threads, load_library
 
 _LANES = 16
 _TILES = 18  # 2x2 output blocks per unit of work (the C code's TB)
@@ -282,20 +277,13 @@ def supports_channels(cin: int, cout: int) -> bool:
 
 def winograd_kernel() -> WinogradKernel | None:
     """The kernel, built or loaded once per process; None where turned off or it cannot be built."""
-    if not native_kernels_enabled():
-        return None
-    return _load(kernel_cache_dir(), os.environ.get("CC", "cc"))
+    library = load_library("winograd", _SOURCE, [])
+    return None if library is None else _kernel(library)
 
 
 @functools.cache
-def _load(cache, compiler: str) -> WinogradKernel | None:
-    try:
-        return WinogradKernel(ctypes.CDLL(str(compile_library("winograd", _SOURCE, [], cache, compiler))))
-    except (OSError, subprocess.SubprocessError, RuntimeError, AttributeError) as error:
-        logger.info(
-            "selfy_hf: the native Winograd conv kernel is unavailable (%s); oneDNN runs instead", error
-        )
-        return None
+def _kernel(library: ctypes.CDLL) -> WinogradKernel:
+    return WinogradKernel(library)
 
 
 __all__ = ["WinogradKernel", "supports_channels", "winograd_kernel"]
